@@ -1,0 +1,300 @@
+"""The main job: the whole split-inference path on this machine, as a user runs it.
+
+``edgesplit demo`` trains (or loads from the cache) ``paper-cnn``, converts it
+at a cut, starts a broker (the embedded one unless ``--broker`` names one), a
+cloud worker and a device as separate processes through the same ``edgesplit``
+verbs a user would type, sends MNIST test images end to end, and prints what a
+user wants to know: accuracy against the parity check, latency percentiles,
+throughput, and the bytes sent per image against the raw image.
+
+The device and the cloud run as their own processes (``python -m edgesplit``),
+so nothing here shares memory with them: what is measured crosses the broker.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from protocol.errors import CheckFailed, EdgesplitError, UsageError
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 120.0
+
+
+@dataclass
+class DemoResult:
+    """What the demo measured; ``summary()`` is the table it prints."""
+
+    model: str
+    cut: str
+    quant: str
+    broker: str
+    images: int
+    answered: int
+    correct: int
+    parity_accuracy: float
+    latency_ms: dict
+    seconds: float
+    frame_bytes: int
+    raw_image_bytes: int
+    png_bytes_mean: float
+    out_dir: str
+    files: dict = field(default_factory=dict)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.images if self.images else 0.0
+
+    @property
+    def throughput(self) -> float:
+        return self.answered / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> str:
+        lat = self.latency_ms
+        rows = [
+            ("model / cut / quant", f"{self.model} / {self.cut} / {self.quant}"),
+            ("broker", self.broker),
+            ("images sent / answered", f"{self.images} / {self.answered}"),
+            ("accuracy (end to end)", f"{self.accuracy:.4f}"),
+            ("accuracy (parity check)", f"{self.parity_accuracy:.4f}"),
+            ("latency p50 / p95 / p99", f"{lat['p50']:.1f} / {lat['p95']:.1f} / {lat['p99']:.1f} ms"),
+            ("throughput", f"{self.throughput:.1f} images/s"),
+            ("bytes sent per image (frame)", f"{self.frame_bytes} B"),
+            ("raw image (uint8) / PNG", f"{self.raw_image_bytes} B / {self.png_bytes_mean:.0f} B"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        lines = ["edgesplit demo: split inference end to end", ""]
+        lines += [f"  {k.ljust(width)}  {v}" for k, v in rows]
+        lines += ["", f"  results in {self.out_dir}/"]
+        lines += [f"    {name:<14} {path}" for name, path in self.files.items()]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(accuracy=self.accuracy, throughput=self.throughput)
+        return d
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _edgesplit(*args: str) -> list[str]:
+    return [sys.executable, "-m", "edgesplit", *args]
+
+
+def _wait_for_line(proc: subprocess.Popen, needle: str, what: str, log_path: Path) -> None:
+    """Block until ``needle`` appears in the process's log file, or fail clearly."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise CheckFailed(f"the {what} exited with code {proc.returncode} before it was ready",
+                              fix=f"read its log: {log_path}")
+        if log_path.exists() and needle in log_path.read_text(errors="replace"):
+            return
+        time.sleep(0.1)
+    raise CheckFailed(f"the {what} was not ready after {READY_TIMEOUT_S:.0f} s",
+                      fix=f"read its log: {log_path}")
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, log_path: Path) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise CheckFailed(f"the broker exited with code {proc.returncode}", fix=f"read its log: {log_path}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise CheckFailed(f"the broker did not listen on port {port}", fix=f"read its log: {log_path}")
+
+
+def _stop(proc: subprocess.Popen | None, timeout: float = 20.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _write_images(x: np.ndarray, y: np.ndarray, folder: Path) -> float:
+    """Write test images as PNG files named ``<index>_<label>.png``; return mean size."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = []
+    for i, (img, label) in enumerate(zip(x, y)):
+        path = folder / f"{i:05d}_{int(label)}.png"
+        pixels = np.rint(img[..., 0] * 255.0).astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(path, optimize=True)
+        sizes.append(path.stat().st_size)
+    return float(np.mean(sizes))
+
+
+def _percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"p50": float("nan"), "p95": float("nan"), "p99": float("nan"), "mean": float("nan")}
+    a = np.asarray(values, dtype=np.float64)
+    return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
+            "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
+
+
+def _frame_bytes(manifest) -> int:
+    """Size of one features frame as the device publishes it for this bundle."""
+    from protocol import frame as wire
+
+    spec = manifest.feature
+    tensor = np.zeros(tuple(spec.shape), dtype=np.dtype(spec.dtype))
+    fr = wire.Frame.features(request_id=2**63 - 1, device_id="demo-pi", bundle_id=manifest.bundle_id, seq=1,
+                             tensor=tensor, scale=spec.scale, zero_point=spec.zero_point)
+    return len(wire.encode_frame(fr, compress="none"))
+
+
+def _latency_png(latencies: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
+    ax.hist(latencies, bins=60, color="#3a6ea5")
+    for q, style in ((50, "-"), (95, "--"), (99, ":")):
+        v = float(np.percentile(latencies, q))
+        ax.axvline(v, color="k", linestyle=style, linewidth=1, label=f"p{q} {v:.1f} ms")
+    ax.set_xlabel("end-to-end latency per image (ms)")
+    ax.set_ylabel("images")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_demo(*, model: str = "paper-cnn", cut: str = "pool2", quant: str = "int8", n: int = 1000,
+             broker: str | None = None, out: str | os.PathLike = "demo-out", workers: int = 1,
+             progress: bool = True) -> DemoResult:
+    """Run the whole path end to end and return what was measured."""
+    from converter import bundle as bundles
+    from converter import datasets
+
+    if n < 1:
+        raise UsageError(f"--n must be at least 1, got {n}", fix="pass --n 1000 (the default)")
+    out_dir = Path(out).resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{out_dir} exists and is not a directory", fix="pass another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    logs = out_dir / "logs"
+    logs.mkdir(exist_ok=True)
+
+    print(f"[1/4] model {model}: train or load from the cache, convert at {cut} ({quant})", flush=True)
+    conv = bundles.convert(model, cut=cut, quant=quant, calibration=500, out=out_dir / "bundle")
+    manifest = conv.manifest
+    print(f"      bundle {manifest.bundle_id}: parity agreement {conv.agreement:.4f}, "
+          f"accuracy {conv.accuracy:.4f}", flush=True)
+
+    print(f"[2/4] writing {n} MNIST test images as PNG", flush=True)
+    data = datasets.load_mnist()
+    n = min(n, len(data.x_test))
+    images = out_dir / "images"
+    shutil.rmtree(images, ignore_errors=True)
+    png_mean = _write_images(data.x_test[:n], data.y_test[:n], images)
+
+    procs: list[subprocess.Popen] = []
+    broker_proc = cloud_proc = device_proc = None
+    try:
+        if broker is None:
+            port = _free_port()
+            broker_url = f"mqtt://127.0.0.1:{port}"
+            blog = logs / "broker.log"
+            print(f"[3/4] starting the embedded broker on 127.0.0.1:{port}, a cloud worker and a device",
+                  flush=True)
+            broker_proc = subprocess.Popen(_edgesplit("broker", "--port", str(port)),
+                                           stdout=open(blog, "w"), stderr=subprocess.STDOUT)
+            procs.append(broker_proc)
+            _wait_for_port(port, broker_proc, blog)
+        else:
+            broker_url = broker
+            print(f"[3/4] using broker {broker_url}; starting a cloud worker and a device", flush=True)
+
+        clog = logs / "cloud.log"
+        cloud_proc = subprocess.Popen(
+            _edgesplit("cloud", "--bundle", str(conv.bundle_dir), "--broker", broker_url,
+                       "--workers", str(workers)),
+            stdout=open(clog, "w"), stderr=subprocess.STDOUT)
+        procs.append(cloud_proc)
+        _wait_for_line(cloud_proc, "ready", "cloud worker", clog)
+
+        print(f"[4/4] sending {n} images device -> broker -> cloud -> device", flush=True)
+        dlog = logs / "device.log"
+        results_path = out_dir / "results.jsonl"
+        t0 = time.monotonic()
+        device_proc = subprocess.Popen(
+            _edgesplit("device", "run", "--bundle", str(conv.bundle_dir), "--broker", broker_url,
+                       "--device-id", "demo-pi", "--fleet", "demo", str(images)),
+            stdout=subprocess.PIPE, stderr=open(dlog, "w"), text=True)
+        procs.append(device_proc)
+        answered, correct, latencies = 0, 0, []
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=n, unit="img", desc="end to end", file=sys.stderr)
+        with open(results_path, "w") as sink:
+            for line in device_proc.stdout:
+                line = line.strip()
+                if not line.startswith("{"):
+                    continue
+                sink.write(line + "\n")
+                rec = json.loads(line)
+                if rec.get("error"):
+                    continue
+                answered += 1
+                truth = int(Path(rec["input"]).stem.split("_")[1])
+                correct += int(rec["label"]) == truth
+                latencies.append(float(rec["latency_ms"]))
+                if bar is not None:
+                    bar.update(1)
+        device_proc.wait()
+        seconds = time.monotonic() - t0
+        if bar is not None:
+            bar.close()
+        if device_proc.returncode not in (0,):
+            raise CheckFailed(f"the device exited with code {device_proc.returncode} "
+                              f"after {answered} of {n} answers", fix=f"read its log: {dlog}")
+    finally:
+        for proc in (device_proc, cloud_proc, broker_proc):
+            _stop(proc)
+
+    result = DemoResult(model=model, cut=cut, quant=quant, broker=broker_url, images=n, answered=answered,
+                        correct=correct, parity_accuracy=float(conv.accuracy),
+                        latency_ms=_percentiles(latencies), seconds=seconds, frame_bytes=_frame_bytes(manifest),
+                        raw_image_bytes=int(np.prod(manifest.input.shape)), png_bytes_mean=png_mean,
+                        out_dir=str(out_dir))
+    files = {"bundle": conv.bundle_dir, "results": results_path, "logs": logs}
+    if latencies:
+        _latency_png(latencies, out_dir / "latency.png")
+        files["latency plot"] = out_dir / "latency.png"
+    summary_path = out_dir / "summary.json"
+    files["summary"] = summary_path
+    result.files = {k: str(v) for k, v in files.items()}
+    summary_path.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    if answered < n:
+        raise CheckFailed(f"only {answered} of {n} requests were answered", fix=f"read the logs in {logs}")
+    return result

@@ -1,0 +1,1 @@
+"""Files deploy/ writes onto devices and servers (scripts, systemd units)."""
