@@ -42,9 +42,19 @@ class CheckFailed(EdgesplitError):
 
 
 class FrameError(EdgesplitError):
-    """A wire frame is malformed, oversized, or does not match what was expected."""
+    """A wire frame is malformed, oversized, or does not match what was expected.
+
+    ``reason`` is a short stable code (``bad-mac``, ``replay``, ``bad-shape``...)
+    that dead letters and counters use; the message is for people.
+    """
 
     exit_code = 1
+    reason: str | None = None
+
+    def __init__(self, message: str, fix: str | None = None, reason: str | None = None):
+        super().__init__(message, fix)
+        if reason is not None:
+            self.reason = reason
 
 
 class TopicError(UsageError):

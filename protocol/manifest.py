@@ -1,0 +1,557 @@
+"""The bundle contract: ``manifest.json``, its validation, reading and writing.
+
+A bundle is a directory (and its ``.tar.gz``) holding ``manifest.json``,
+``head.tflite``, ``tail.tflite`` and optionally ``tail.keras``.  The manifest
+says what the head expects (image preprocessing a device can follow with
+Pillow), what crosses the network (the feature tensor and its quantization),
+what the tail answers, and the sha256 of every file.  Its ``bundle_id`` is
+a hash of its own content, so it changes whenever any file or field does.
+
+This module is the one place the format is defined (docs/bundle.md describes
+it for humans).  It imports no TensorFlow: devices and clouds use it as is.
+"""
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Iterable, Literal, Optional, Union
+
+import msgspec
+import numpy as np
+
+from protocol import tensors
+from protocol.errors import BundleError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+HEAD_FILE = "head.tflite"
+TAIL_FILE = "tail.tflite"
+TAIL_KERAS_FILE = "tail.keras"
+QUANT_MODES = ("int8", "float16", "dynamic", "none")
+
+# Bounds for reading untrusted bundles (a .tar.gz may come from anywhere).
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_FILE_BYTES = 1 << 30
+MAX_TOTAL_BYTES = 2 << 30
+MAX_MEMBERS = 64
+
+_Hex16 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{16}$")]
+_Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+_FileName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")]
+_Dim = Annotated[int, msgspec.Meta(ge=1, le=1 << 24)]
+_Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+_FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+
+_REBUILD = "re-run `edgesplit convert` to rebuild the bundle"
+
+
+# ------------------------------------------------------------------ schema
+
+class Preprocess(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How a device turns an image file into the head's input, step by step.
+
+    1. ``PIL.Image.open(f).convert(color_mode)``;
+    2. if its size is not ``resize`` (width, height): ``.resize(resize, resample)``;
+    3. ``np.asarray(img, np.float32)``, shaped like ``InputSpec.shape``;
+    4. ``(pixels - mean) / std`` in float32 (per channel when lists), which lands in ``value_range``.
+    """
+
+    color_mode: Literal["L", "RGB"]
+    resize: tuple[_Dim, _Dim]
+    resample: Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"] = "bilinear"
+    mean: Union[float, list[float]] = 0.0
+    std: Union[float, list[float]] = 255.0
+    value_range: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self):
+        channels = 1 if self.color_mode == "L" else 3
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if isinstance(v, list) and len(v) not in (1, channels):
+                raise ValueError(f"{name} has {len(v)} values but color_mode {self.color_mode} has {channels} channel(s)")
+            if any(not math.isfinite(x) for x in np.atleast_1d(v)):
+                raise ValueError(f"{name} must be finite")
+        if any(x == 0 for x in np.atleast_1d(self.std)):
+            raise ValueError("std must not be 0")
+        lo = np.min((0.0 - np.asarray(self.mean)) / np.asarray(self.std))
+        hi = np.max((255.0 - np.asarray(self.mean)) / np.asarray(self.std))
+        lo, hi = min(lo, hi), max(lo, hi)
+        if not (abs(lo - self.value_range[0]) <= 1e-6 * max(1, abs(lo))
+                and abs(hi - self.value_range[1]) <= 1e-6 * max(1, abs(hi))):
+            raise ValueError(f"value_range {list(self.value_range)} does not follow from mean/std "
+                             f"(pixels 0..255 give {lo:g}..{hi:g})")
+
+
+class InputSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The head's input: one image, shape (height, width, channels) without the batch axis."""
+
+    shape: tuple[_Dim, _Dim, _Dim]
+    dtype: Literal["float32"]
+    preprocess: Preprocess
+
+    def __post_init__(self):
+        h, w, c = self.shape
+        channels = 1 if self.preprocess.color_mode == "L" else 3
+        if c != channels:
+            raise ValueError(f"shape {list(self.shape)} has {c} channel(s) but color_mode is "
+                             f"{self.preprocess.color_mode}")
+        if tuple(self.preprocess.resize) != (w, h):
+            raise ValueError(f"preprocess.resize {list(self.preprocess.resize)} must be [width, height] = [{w}, {h}]")
+
+    def pixels_to_input(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 pixels (H, W) or (H, W, C), or a batch of them -> float32 head input with a batch axis.
+
+        The Pillow part (open, convert, resize) is the device's; this is the rest,
+        so that it is computed the same way everywhere.
+        """
+        p = np.asarray(pixels)
+        h, w, c = self.shape
+        if p.shape in ((h, w), (h, w, c)):
+            p = p.reshape(1, h, w, c)
+        elif p.ndim in (3, 4) and p.shape[1:3] == (h, w) and p.size == p.shape[0] * h * w * c:
+            p = p.reshape(p.shape[0], h, w, c)
+        else:
+            raise ValueError(f"pixels of shape {p.shape} do not fit the input shape {list(self.shape)}")
+        pre = self.preprocess
+        x = (p.astype(np.float32) - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
+        return x.astype(np.float32, copy=False)
+
+
+_FLOAT_DTYPES = ("float16", "float32")
+
+
+class FeatureSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The tensor the head outputs and the device sends (without the batch axis)."""
+
+    shape: tuple[_Dim, ...]
+    dtype: Literal["int8", "uint8", "float16", "float32"]
+    scale: Optional[float] = None
+    zero_point: Optional[int] = None
+
+    def __post_init__(self):
+        if not self.shape:
+            raise ValueError("shape must have at least one dimension")
+        if self.dtype in _FLOAT_DTYPES:
+            if self.scale is not None or self.zero_point is not None:
+                raise ValueError(f"a {self.dtype} feature has no scale/zero_point (set both to null)")
+        else:
+            if self.scale is None or self.zero_point is None:
+                raise ValueError(f"a {self.dtype} feature needs scale and zero_point")
+            if not (math.isfinite(self.scale) and self.scale > 0):
+                raise ValueError(f"scale must be a finite number > 0, got {self.scale!r}")
+            lo, hi = tensors.INT_RANGES[self.dtype]
+            if not lo <= self.zero_point <= hi:
+                raise ValueError(f"zero_point {self.zero_point} is outside the {self.dtype} range {lo}..{hi}")
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype not in _FLOAT_DTYPES
+
+    @property
+    def elements(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one feature tensor (batch of one) on the wire, before compression."""
+        return self.elements * np.dtype(self.dtype).itemsize
+
+    def check(self, tensor: np.ndarray) -> np.ndarray:
+        """Return ``tensor`` if its dtype and shape (with or without a batch axis) match, else ValueError."""
+        t = np.asarray(tensor)
+        if t.dtype != np.dtype(self.dtype):
+            raise ValueError(f"feature dtype is {t.dtype}, the bundle expects {self.dtype}")
+        if tuple(t.shape) != tuple(self.shape) and tuple(t.shape[1:]) != tuple(self.shape):
+            raise ValueError(f"feature shape is {list(t.shape)}, the bundle expects {list(self.shape)} "
+                             f"(optionally with a batch axis first)")
+        return t
+
+    def dequantize(self, tensor: np.ndarray) -> np.ndarray:
+        """Feature as sent -> float32 tail input (the identity cast for float features)."""
+        t = np.asarray(tensor)
+        if not self.quantized:
+            return t.astype(np.float32, copy=False)
+        return tensors.dequantize(t, self.scale, self.zero_point)
+
+    def quantize(self, x: np.ndarray) -> np.ndarray:
+        """Float feature -> the dtype sent (what the head's last op does)."""
+        if not self.quantized:
+            return np.asarray(x, dtype=self.dtype)
+        return tensors.quantize(x, self.scale, self.zero_point, self.dtype)
+
+
+class OutputSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What the tail answers for one input (without the batch axis)."""
+
+    shape: tuple[_Dim, ...]
+    dtype: Literal["float32"]
+    kind: Literal["probabilities", "logits", "values"]
+
+
+class Calibration(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Images used to calibrate int8 quantization: always training images."""
+
+    n: Annotated[int, msgspec.Meta(ge=1)]
+    source: str
+    seed: int
+
+
+class Parity(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Top-1 comparison of the real TFLite head+tail with the Keras model on held-out images."""
+
+    n: Annotated[int, msgspec.Meta(ge=1)]
+    source: str
+    agreement: _Fraction
+    accuracy: Optional[_Fraction]
+    keras_accuracy: Optional[_Fraction]
+    min_agreement: Optional[_Fraction]
+    passed: bool
+    interpreter: str
+
+
+class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Everything a device, a cloud worker or an auditor needs to know about a bundle."""
+
+    schema_version: int
+    bundle_id: _Hex16
+    model: str
+    cut: str
+    quant: Literal["int8", "float16", "dynamic", "none"]
+    input: InputSpec
+    feature: FeatureSpec
+    output: OutputSpec
+    labels: list[str]
+    files: dict[_FileName, _Sha256]
+    tools: dict[str, str]
+    calibration: Optional[Calibration] = None
+    parity: Optional[Parity] = None
+
+    def __post_init__(self):
+        if self.quant == "int8" and not self.feature.quantized:
+            raise ValueError(f"quant is int8 but the feature dtype is {self.feature.dtype}")
+        if self.quant != "int8" and self.feature.quantized:
+            raise ValueError(f"quant is {self.quant} but the feature dtype is {self.feature.dtype}")
+        if self.labels and len(self.output.shape) == 1 and len(self.labels) != self.output.shape[0]:
+            raise ValueError(f"{len(self.labels)} labels for an output of shape {list(self.output.shape)}")
+
+    def to_dict(self) -> dict:
+        """The manifest as plain JSON types, in field order."""
+        return msgspec.to_builtins(self)
+
+    def convert_command(self, out: str | os.PathLike | None = None) -> str:
+        """The command that makes this bundle (for error messages that say how to rebuild it)."""
+        cmd = f"edgesplit convert {self.model} --cut {self.cut} --quant {self.quant}"
+        if self.calibration is not None and self.quant == "int8":
+            cmd += f" --calibration {self.calibration.n}"
+        return cmd + (f" --out {out}" if out is not None else "")
+
+
+# ------------------------------------------------------------- validation
+
+def _canonical(obj: dict) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode("utf-8")
+
+
+def compute_bundle_id(manifest: dict | Manifest) -> str:
+    """First 16 hex chars of sha256 over the canonical JSON of the manifest without ``bundle_id``.
+
+    Canonical JSON: keys sorted, no whitespace, UTF-8, numbers as Python's ``json`` writes them.
+    """
+    d = manifest.to_dict() if isinstance(manifest, Manifest) else dict(manifest)
+    d.pop("bundle_id", None)
+    return hashlib.sha256(_canonical(d)).hexdigest()[:16]
+
+
+def parse_manifest(raw: dict | bytes | str, where: str = MANIFEST_NAME) -> Manifest:
+    """Validate a manifest (a dict, or JSON text) and return it; BundleError saying what is wrong."""
+    if isinstance(raw, (bytes, str)):
+        try:
+            raw = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BundleError(f"{where} is not valid JSON ({exc})", fix=_REBUILD) from None
+    if not isinstance(raw, dict):
+        raise BundleError(f"{where} must hold a JSON object, found {type(raw).__name__}", fix=_REBUILD)
+    if "schema_version" not in raw:
+        raise BundleError(f"{where} is missing the key `schema_version`", fix=_REBUILD)
+    version = raw["schema_version"]
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise BundleError(f"{where}: `schema_version` must be an integer, found {version!r}", fix=_REBUILD)
+    if version != SCHEMA_VERSION:
+        newer = version > SCHEMA_VERSION
+        raise BundleError(
+            f"{where} has schema_version {version}; this edgesplit reads schema_version {SCHEMA_VERSION}",
+            fix="upgrade edgesplit on this machine" if newer else
+            "re-run `edgesplit convert` with this edgesplit to rebuild the bundle")
+    try:
+        return msgspec.convert(raw, Manifest)
+    except msgspec.ValidationError as exc:
+        raise BundleError(f"{where} is not a valid manifest: {_explain(exc)}", fix=_REBUILD) from None
+
+
+def _explain(exc: msgspec.ValidationError) -> str:
+    # msgspec says "Object missing required field `cut` - at `$`"; say "missing key" like a person would.
+    text = str(exc)
+    m = re.match(r"Object missing required field `(.+?)`(?: - at `\$(.*)`)?$", text)
+    if m:
+        where = m.group(2) or ""
+        return f"missing key `{where.lstrip('.') + '.' if where else ''}{m.group(1)}`"
+    return text.replace("`$.", "`").replace("`$`", "the top level")
+
+
+def read_manifest(path: str | os.PathLike) -> Manifest:
+    """Read and validate one ``manifest.json`` (no file hashes checked; see :func:`load_bundle`)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{path} is {size} bytes, more than a manifest can be ({MAX_MANIFEST_BYTES})",
+                              fix=_REBUILD)
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise BundleError(f"{path} does not exist", fix=_REBUILD) from None
+    return parse_manifest(data, where=str(path))
+
+
+# ------------------------------------------------------------------ bundles
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle on disk: every file present and matching its sha256."""
+
+    root: Path
+    manifest: Manifest
+    source: Path
+
+    @property
+    def bundle_id(self) -> str:
+        return self.manifest.bundle_id
+
+    @property
+    def head_path(self) -> Path:
+        return self.root / HEAD_FILE
+
+    @property
+    def tail_path(self) -> Path:
+        return self.root / TAIL_FILE
+
+    @property
+    def tail_keras_path(self) -> Path | None:
+        return self.root / TAIL_KERAS_FILE if TAIL_KERAS_FILE in self.manifest.files else None
+
+    @property
+    def input(self) -> InputSpec:
+        return self.manifest.input
+
+    @property
+    def feature(self) -> FeatureSpec:
+        return self.manifest.feature
+
+    @property
+    def output(self) -> OutputSpec:
+        return self.manifest.output
+
+    @property
+    def labels(self) -> list[str]:
+        return self.manifest.labels
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_bundle(path: str | os.PathLike, *, extract_to: str | os.PathLike | None = None) -> Bundle:
+    """Open a bundle directory or its ``.tar.gz`` and verify every file's sha256.
+
+    A tarball is extracted (safely: regular files only, no paths outside the
+    bundle, bounded sizes) into ``extract_to`` or a temporary directory removed
+    at exit.  Raises :class:`BundleError` naming the file that is wrong.
+    """
+    source = Path(path)
+    if not source.exists():
+        raise BundleError(f"no bundle at {source}",
+                          fix="check the path, or make one with `edgesplit convert MODEL --cut LAYER --out DIR`")
+    if source.is_dir():
+        root = source
+    elif source.name.endswith((".tar.gz", ".tgz")):
+        if extract_to is None:
+            root = Path(tempfile.mkdtemp(prefix="edgesplit-bundle-"))
+            atexit.register(shutil.rmtree, root, True)
+        else:
+            root = Path(extract_to)
+            root.mkdir(parents=True, exist_ok=True)
+        _extract_tarball(source, root)
+    elif source.name == MANIFEST_NAME:
+        root = source.parent
+    else:
+        raise BundleError(f"{source} is neither a bundle directory nor a .tar.gz bundle",
+                          fix="pass the directory `edgesplit convert` wrote, or the .tar.gz beside it")
+
+    manifest_path = root / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise BundleError(f"{source} has no {MANIFEST_NAME}: it is not a bundle (or it is incomplete)",
+                          fix="pass the directory `edgesplit convert` wrote, or the .tar.gz beside it")
+    manifest = read_manifest(manifest_path)
+    rebuild = f"re-run `{manifest.convert_command(source if source.is_dir() else None)}` to rebuild the bundle"
+
+    try:
+        expected = compute_bundle_id(json.loads(manifest_path.read_bytes()))
+    except ValueError as exc:  # e.g. NaN, which canonical JSON cannot hold
+        raise BundleError(f"{MANIFEST_NAME} in {source} cannot be hashed: {exc}", fix=rebuild) from None
+    if expected != manifest.bundle_id:
+        raise BundleError(f"{MANIFEST_NAME} in {source} was modified after the bundle was made: its bundle_id "
+                          f"is {manifest.bundle_id} but its content hashes to {expected}", fix=rebuild)
+    for required in (HEAD_FILE, TAIL_FILE):
+        if required not in manifest.files:
+            raise BundleError(f"{MANIFEST_NAME} in {source} lists no {required}", fix=rebuild)
+    for name, digest in manifest.files.items():
+        fp = root / name
+        if not fp.is_file():
+            raise BundleError(f"{name} is missing from the bundle {source}", fix=rebuild)
+        if sha256_file(fp) != digest:
+            raise BundleError(f"{name} in {source} does not match its sha256 in {MANIFEST_NAME} "
+                              f"(the file was changed or truncated)", fix=rebuild)
+    if manifest.parity is not None and not manifest.parity.passed:
+        log.warning("bundle %s failed its parity check (agreement %.4f < %s)", manifest.bundle_id,
+                    manifest.parity.agreement, manifest.parity.min_agreement)
+    log.debug("loaded bundle %s from %s", manifest.bundle_id, source)
+    return Bundle(root=root, manifest=manifest, source=source)
+
+
+def _extract_tarball(tar_path: Path, dest: Path) -> None:
+    """Extract the bundle files of ``tar_path`` into ``dest`` without trusting the archive."""
+    broken = f"re-run `edgesplit convert` to rebuild it, or copy {tar_path.name} again"
+    prefix = None
+    total = 0
+    try:
+        with tarfile.open(tar_path, mode="r:gz") as tar:
+            for count, member in enumerate(tar, start=1):
+                if count > MAX_MEMBERS:
+                    raise BundleError(f"{tar_path} holds more than {MAX_MEMBERS} entries; a bundle has a few",
+                                      fix=broken)
+                parts = member.name.split("/")
+                if member.name.startswith("/") or ".." in parts or any(p in ("", ".") for p in parts[:-1]):
+                    raise BundleError(f"{tar_path} contains an unsafe path {member.name!r}", fix=broken)
+                if member.isdir():
+                    continue
+                if not member.isfile():
+                    raise BundleError(f"{tar_path} contains {member.name!r}, which is not a regular file "
+                                      f"(links and devices are refused)", fix=broken)
+                if len(parts) > 2:
+                    raise BundleError(f"{tar_path} contains {member.name!r}, nested deeper than a bundle",
+                                      fix=broken)
+                top = parts[0] if len(parts) == 2 else ""
+                if prefix is None:
+                    prefix = top
+                elif top != prefix:
+                    raise BundleError(f"{tar_path} mixes files from several folders ({prefix!r}, {top!r})",
+                                      fix=broken)
+                name = parts[-1]
+                if not _FILE_NAME_RE.match(name):
+                    raise BundleError(f"{tar_path} contains an unexpected file name {member.name!r}", fix=broken)
+                limit = MAX_MANIFEST_BYTES if name == MANIFEST_NAME else MAX_FILE_BYTES
+                total += member.size
+                if member.size > limit or total > MAX_TOTAL_BYTES:
+                    raise BundleError(f"{tar_path}: {member.name} is too large ({member.size} bytes)", fix=broken)
+                src = tar.extractfile(member)
+                with open(dest / name, "wb") as out:
+                    # copy no more than the header declared, whatever the stream holds
+                    remaining = member.size
+                    while remaining:
+                        chunk = src.read(min(remaining, 1 << 20))
+                        if not chunk:
+                            raise BundleError(f"{tar_path} is truncated inside {member.name}", fix=broken)
+                        out.write(chunk)
+                        remaining -= len(chunk)
+            # Read to the end of the gzip stream so its CRC and length are checked (a cut-off
+            # archive fails here); a few blocks of padding are normal, megabytes are not.
+            trailing = 0
+            while chunk := tar.fileobj.read(1 << 16):
+                trailing += len(chunk)
+                if trailing > 1 << 20:
+                    raise BundleError(f"{tar_path} has unexpected data after its last file", fix=broken)
+    except BundleError:
+        raise
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        raise BundleError(f"{tar_path} is truncated or corrupt ({exc})", fix=broken) from None
+
+
+# ------------------------------------------------------------------ writing
+
+def write_bundle(root: str | os.PathLike, manifest: Manifest, files: Iterable[str] | None = None) -> Manifest:
+    """Hash ``files`` of ``root`` (default: every file but the manifest), set ``files`` and ``bundle_id``,
+    validate, and write ``root/manifest.json`` atomically.  Returns the final manifest.
+
+    ``manifest`` is a draft: its ``files`` and ``bundle_id`` are replaced.
+    """
+    root = Path(root)
+    names = sorted(files) if files is not None else sorted(
+        p.name for p in root.iterdir() if p.is_file() and p.name != MANIFEST_NAME and not p.name.startswith("."))
+    hashes = {}
+    for name in names:
+        if not _FILE_NAME_RE.match(name) or name == MANIFEST_NAME:
+            raise ValueError(f"write_bundle: {name!r} cannot be a bundle file name")
+        hashes[name] = sha256_file(root / name)
+    draft = msgspec.structs.replace(manifest, files=hashes, bundle_id="0" * 16, schema_version=SCHEMA_VERSION)
+    # Normalise through JSON so the hash is over exactly what lands on disk.
+    d = json.loads(json.dumps(draft.to_dict(), allow_nan=False))
+    d["bundle_id"] = compute_bundle_id(d)
+    final = parse_manifest(d, where=str(root / MANIFEST_NAME))
+    text = _pretty_json(final.to_dict()) + "\n"
+    tmp = root / f".{MANIFEST_NAME}.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, root / MANIFEST_NAME)
+    return final
+
+
+def _pretty_json(obj, indent: str = "") -> str:
+    """Indented JSON for people, with lists of numbers and strings kept on one line."""
+    inner = indent + "  "
+    if isinstance(obj, dict) and obj:
+        items = [f"{inner}{json.dumps(k, ensure_ascii=False)}: {_pretty_json(v, inner)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + indent + "}"
+    if isinstance(obj, list) and any(isinstance(v, (dict, list)) for v in obj):
+        return "[\n" + ",\n".join(inner + _pretty_json(v, inner) for v in obj) + "\n" + indent + "]"
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False)
+
+
+def write_tarball(root: str | os.PathLike, dest: str | os.PathLike | None = None) -> Path:
+    """Pack a written bundle into ``dest`` (default: ``<root>.tar.gz`` beside it), byte-reproducibly.
+
+    Entries are ``<root name>/<file>``: the manifest and the files it lists, sorted,
+    with zeroed times and owners, so the same bundle always gives the same tarball.
+    """
+    root = Path(root)
+    manifest = read_manifest(root / MANIFEST_NAME)
+    dest = Path(dest) if dest is not None else root.parent / (root.name + ".tar.gz")
+    tmp = dest.with_name("." + dest.name + ".tmp")
+    import gzip  # only the writer needs it
+
+    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name in sorted([MANIFEST_NAME, *manifest.files]):
+            info = tarfile.TarInfo(f"{root.name}/{name}")
+            info.size = (root / name).stat().st_size
+            info.mode = 0o644
+            info.mtime = 0
+            with open(root / name, "rb") as f:
+                tar.addfile(info, f)
+    os.replace(tmp, dest)
+    return dest

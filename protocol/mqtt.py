@@ -1,0 +1,605 @@
+"""The one MQTT adapter: device and cloud talk to the broker only through this.
+
+Business logic never imports paho; it uses this small surface::
+
+    from protocol.mqtt import MqttClient, Will
+
+    client = MqttClient(
+        "mqtt://user:pass@127.0.0.1:1883",      # or mqtts://host:8883?ca=/path/ca.pem
+        client_id="pi-01",                     # stable id: needed for persistent sessions
+        clean_session=True,                    # False = persistent session (issue 6)
+        protocol="3.1.1",                      # or "5" (also ?protocol=5 in the URL)
+        will=Will(topic, b"offline", qos=1, retain=True),
+        on_online=lambda: client.publish(status, b"online", retain=True),
+        on_fatal=lambda err: ...,              # called once with a ConfigError
+    )
+    client.subscribe("edgesplit/v1/f/pi-01/results", handler, qos=1)   # handler(topic: str, payload: bytes)
+    if not client.start(wait_connected=10):    # raises ConfigError if the broker refuses us
+        ...                                    # not up yet: paho keeps retrying in the background
+    delivery = client.publish(topic, payload, qos=1, retain=False)
+    delivery.wait(5.0)                         # True once the broker acknowledged it (PUBACK)
+    client.publish(status, b"stopped", retain=True).wait(2)
+    client.stop()                              # clean DISCONNECT: the broker drops the will
+
+Also: ``client.connected``, ``client.wait_connected(timeout)``, ``client.error``,
+``client.raise_if_failed()``, ``client.unsubscribe(filter, timeout)`` (returns once the
+broker's UNSUBACK is in; the handler still sees what arrived before it),
+``client.in_flight()`` (publishes not yet acknowledged), ``client.connects``,
+``client.session_present``, ``on_offline=`` (called when an established connection is
+lost), ``backoff=Backoff(initial, maximum)``, ``max_inflight=``.  ``parse_url(url)`` gives
+a :class:`BrokerUrl` whose ``str()`` hides the password; ``filter_matches(filter, topic)``.
+
+Behaviour:
+
+* ``subscribe`` remembers the filter and (re)subscribes in every ``on_connect``, so
+  subscriptions survive reconnects.  Handlers are picked with MQTT topic matching;
+  a ``$share/<group>/`` prefix is stripped for matching.  A handler that raises is
+  logged and the loop carries on.  Handlers run on the network thread: hand heavy
+  work to a queue.
+* ``on_online()`` runs after every successful CONNACK, after the re-subscribe.
+* A broker that is down or drops us is retried forever, with exponential backoff
+  and full jitter (``Backoff``).  A CONNACK refusing our credentials, our
+  authorisation, our client id or protocol, or a TLS certificate that fails
+  verification, is final: the client is never marked connected, stops retrying,
+  and the :class:`ConfigError` (exit code 78) is delivered once — raised by
+  ``start``/``wait_connected``/``raise_if_failed`` and passed to ``on_fatal``.
+  The adapter does not print it: whoever receives it reports it.
+* ``publish`` never retains unless asked, returns a :class:`Delivery`; QoS>0
+  messages published while offline are queued in memory and sent on reconnect
+  (the device's durable outbox is what survives a restart).
+* ``stop()`` waits (bounded) for in-flight publishes, then disconnects cleanly.
+  It publishes nothing itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import os
+import random
+import ssl
+import threading
+import time
+import urllib.parse
+import uuid
+from typing import Callable
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from protocol.errors import ConfigError, UsageError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MqttClient", "Will", "BrokerUrl", "Backoff", "Delivery", "parse_url", "filter_matches",
+           "Handler"]
+
+Handler = Callable[[str, bytes], None]
+
+_URL_OPTIONS = ("ca", "cert", "key", "protocol")
+# names other tools use for the same things (mosquitto_sub --cafile, paho's ca_certs, ...)
+_URL_ALIASES = {"cafile": "ca", "ca_file": "ca", "ca_certs": "ca", "capath": "ca", "certfile": "cert",
+                "keyfile": "key", "version": "protocol", "v": "protocol", "mqtt_version": "protocol"}
+_PROTOCOLS = {"3.1.1": paho.MQTTv311, "311": paho.MQTTv311, "4": paho.MQTTv311,
+              "5": paho.MQTTv5, "5.0": paho.MQTTv5}
+
+# CONNACK reason codes that retrying cannot fix (MQTT 5 numbering; paho maps the
+# 3.1.1 return codes 1, 2, 4, 5 onto 132, 133, 134, 135).
+_FATAL_CONNACK = {
+    132: "the broker does not support this MQTT protocol version",
+    133: "the broker rejected the client id",
+    134: "bad user name or password",
+    135: "not authorised",
+    138: "this client is banned",
+    140: "bad authentication method",
+}
+
+
+# ----------------------------------------------------------------- values
+
+@dataclasses.dataclass(frozen=True)
+class Will:
+    """Last will: what the broker publishes for us when we vanish without a DISCONNECT."""
+
+    topic: str
+    payload: bytes = b"offline"
+    qos: int = 1
+    retain: bool = True
+
+    def __post_init__(self):
+        if not self.topic or any(c in self.topic for c in "+#"):
+            raise UsageError(f"last will topic {self.topic!r} is not a plain topic name",
+                             fix="use a topic without wildcards, e.g. edgesplit/v1/<fleet>/<device>/status")
+        if self.qos not in (0, 1, 2):
+            raise UsageError(f"last will QoS {self.qos} is not 0, 1 or 2")
+        if isinstance(self.payload, str):
+            object.__setattr__(self, "payload", self.payload.encode())
+
+
+@dataclasses.dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with full jitter: wait uniform(0, min(maximum, initial * 2**attempt))."""
+
+    initial: float = 0.5
+    maximum: float = 30.0
+
+    def __post_init__(self):
+        if not (0 < self.initial <= self.maximum):
+            raise UsageError(f"backoff needs 0 < initial <= maximum, got {self.initial}, {self.maximum}")
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        cap = min(self.maximum, self.initial * (2 ** min(attempt, 30)))
+        # a tiny floor keeps a zero draw from becoming a busy loop
+        return max(0.01, (rng or random).uniform(0.0, cap))
+
+
+@dataclasses.dataclass(frozen=True)
+class BrokerUrl:
+    """A parsed ``mqtt://`` / ``mqtts://`` broker address.  ``str()`` hides the password."""
+
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = dataclasses.field(default=None, repr=False)
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    protocol: str = "3.1.1"
+
+    def __str__(self) -> str:
+        auth = ""
+        if self.username is not None:
+            auth = urllib.parse.quote(self.username, safe="") + (":***" if self.password is not None else "") + "@"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'mqtts' if self.tls else 'mqtt'}://{auth}{host}:{self.port}"
+
+
+def parse_url(url: str, *, username: str | None = None, password: str | None = None,
+              tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
+              protocol: str | int | None = None) -> BrokerUrl:
+    """Parse ``mqtt[s]://[user[:pass]@]host[:port][?ca=..&cert=..&key=..&protocol=5]``.
+
+    Explicit arguments win over what the URL says.  Raises UsageError with the fix.
+    """
+    example = "mqtt://127.0.0.1:1883 or mqtts://user:pass@broker.example:8883?ca=/etc/edgesplit/ca.pem"
+    if not isinstance(url, str) or "://" not in url:
+        raise UsageError(f"broker address {url!r} is not a URL", fix=f"write it like {example}")
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("mqtt", "mqtts"):
+        raise UsageError(f"broker URL scheme {parts.scheme!r} is not supported",
+                         fix=f"use mqtt:// (plain TCP) or mqtts:// (TLS), e.g. {example}")
+    tls = scheme == "mqtts"
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError:
+        raise UsageError(f"broker URL {url!r} has an invalid port", fix=f"write it like {example}") from None
+    host = parts.hostname
+    if not host:
+        raise UsageError(f"broker URL {url!r} has no host", fix=f"write it like {example}")
+    if parts.path not in ("", "/"):
+        raise UsageError(f"broker URL {url!r} has a path ({parts.path!r}); MQTT over TCP takes none",
+                         fix=f"write it like {example}")
+    opts: dict[str, str] = {}
+    for name, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+        if name not in _URL_OPTIONS:
+            near = ([_URL_ALIASES[name]] if name in _URL_ALIASES
+                    else difflib.get_close_matches(name, _URL_OPTIONS, n=1))
+            raise UsageError(f"unknown broker URL option {name!r}",
+                             fix=(f"did you mean {near[0]!r}? " if near else "")
+                             + f"known options: {', '.join(_URL_OPTIONS)}")
+        opts[name] = value
+    user = urllib.parse.unquote(parts.username) if parts.username else None
+    pw = urllib.parse.unquote(parts.password) if parts.password is not None else None
+    if username is not None:
+        user = username
+    if password is not None:
+        pw = password
+    if pw is not None and user is None:
+        raise UsageError("a broker password was given without a user name",
+                         fix="give both, e.g. mqtt://USER:PASS@host:1883")
+    proto = str(protocol if protocol is not None else opts.get("protocol", "3.1.1"))
+    if proto not in _PROTOCOLS:
+        raise UsageError(f"unknown MQTT protocol version {proto!r}", fix="use 3.1.1 (default) or 5")
+    proto = "5" if _PROTOCOLS[proto] == paho.MQTTv5 else "3.1.1"
+    ca, cert, key = (tls_ca or opts.get("ca") or None, tls_cert or opts.get("cert") or None,
+                     tls_key or opts.get("key") or None)
+    if (ca or cert or key) and not tls:
+        raise UsageError(f"TLS files were given for a plain mqtt:// broker ({url})",
+                         fix="use mqtts://host:8883 to connect with TLS")
+    for what, path in (("CA certificate", ca), ("client certificate", cert), ("client key", key)):
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"the {what} file {path} does not exist",
+                              fix="point ?ca=/ --tls-ca at the PEM file the broker's certificate was signed with")
+    if bool(cert) != bool(key):
+        raise UsageError("a TLS client certificate needs both cert and key", fix="give ?cert=...&key=...")
+    return BrokerUrl(host=host, port=port, tls=tls, username=user, password=pw, ca=ca, cert=cert, key=key,
+                     protocol=proto)
+
+
+def filter_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT topic matching; a ``$share/<group>/`` prefix is ignored."""
+    if topic_filter.startswith("$share/"):
+        parts = topic_filter.split("/", 2)
+        if len(parts) < 3:
+            return False
+        topic_filter = parts[2]
+    return paho.topic_matches_sub(topic_filter, topic)
+
+
+class Delivery:
+    """A publish in flight.  ``wait(timeout)`` is True once the broker has it (PUBACK for QoS 1)."""
+
+    __slots__ = ("mid", "topic", "_event")
+
+    def __init__(self, mid: int, topic: str):
+        self.mid = mid
+        self.topic = topic
+        self._event = threading.Event()
+
+    @property
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._event.wait(timeout)
+
+    def __repr__(self) -> str:
+        return f"Delivery(mid={self.mid}, topic={self.topic!r}, done={self.done})"
+
+
+class _PahoClient(paho.Client):
+    """paho's client, remembering a TLS verification failure (paho swallows the exception)."""
+
+    tls_failure: ssl.SSLCertVerificationError | None = None
+
+    def reconnect(self):
+        try:
+            return super().reconnect()
+        except ssl.SSLCertVerificationError as exc:
+            self.tls_failure = exc
+            raise
+
+
+# ----------------------------------------------------------------- the client
+
+class MqttClient:
+    """One connection to one broker; see the module docstring for the whole API."""
+
+    def __init__(self, url: str, *, client_id: str | None = None, username: str | None = None,
+                 password: str | None = None, tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None, protocol: str | int | None = None, clean_session: bool = True,
+                 session_expiry: int = 7 * 24 * 3600, keepalive: int = 30, will: Will | None = None,
+                 on_online: Callable[[], None] | None = None, on_offline: Callable[[], None] | None = None,
+                 on_fatal: Callable[[ConfigError], None] | None = None, backoff: Backoff | None = None,
+                 max_inflight: int = 100):
+        self.broker = parse_url(url, username=username, password=password, tls_ca=tls_ca, tls_cert=tls_cert,
+                                tls_key=tls_key, protocol=protocol)
+        if not clean_session and not client_id:
+            raise UsageError("a persistent session needs a stable client id",
+                             fix="pass client_id (e.g. the device id) or use clean_session=True")
+        self.client_id = client_id or f"edgesplit-{uuid.uuid4().hex[:12]}"
+        self.clean_session = clean_session
+        self.will = will
+        self.backoff = backoff or Backoff()
+        self._on_online, self._on_offline, self._on_fatal = on_online, on_offline, on_fatal
+        self._keepalive = keepalive
+        self._v5 = self.broker.protocol == "5"
+        self._session_expiry = session_expiry
+
+        self._lock = threading.Lock()
+        self._subs: dict[str, tuple[int, Handler]] = {}
+        self._pending_subacks: set[int] = set()
+        self._unsubacks: dict[int, threading.Event] = {}
+        self._deliveries: dict[int, Delivery] = {}
+        self._early: set[int] = set()          # mids acknowledged before publish() returned
+        self._connected = threading.Event()
+        self._subscribed = threading.Event()
+        self._finished = threading.Event()      # fatal error or stop(): no more retries
+        self._error: ConfigError | None = None
+        self._attempt = 0
+        self._outage_logged = False
+        self._silent_drops = 0
+        self._started = self._stopping = False
+        self._rng = random.Random()
+        self.connects = 0                       # successful CONNACKs so far
+        self.session_present = False            # from the last CONNACK
+
+        self._client = self._make_client(max_inflight)
+        self._next_delay()
+
+    # ------------------------------------------------------------ setup
+    def _make_client(self, max_inflight: int) -> paho.Client:
+        b = self.broker
+        kwargs = dict(callback_api_version=CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                      protocol=paho.MQTTv5 if self._v5 else paho.MQTTv311)
+        if not self._v5:
+            kwargs["clean_session"] = self.clean_session
+        c = _PahoClient(**kwargs)
+        c.suppress_exceptions = True            # a bug in a callback must not kill the network thread
+        c.max_inflight_messages_set(max_inflight)
+        if b.username is not None:
+            c.username_pw_set(b.username, b.password)
+        if b.tls:
+            c.tls_set(ca_certs=b.ca, certfile=b.cert, keyfile=b.key, cert_reqs=ssl.CERT_REQUIRED,
+                      tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        if self.will is not None:
+            c.will_set(self.will.topic, self.will.payload, qos=self.will.qos, retain=self.will.retain)
+        if log.isEnabledFor(logging.DEBUG):
+            c.enable_logger(logging.getLogger(__name__ + ".paho"))
+        c.on_connect = self._handle_connect
+        c.on_connect_fail = self._handle_connect_fail
+        c.on_disconnect = self._handle_disconnect
+        c.on_message = self._handle_message
+        c.on_subscribe = self._handle_subscribe
+        c.on_publish = self._handle_publish
+        c.on_unsubscribe = self._handle_unsubscribe
+        return c
+
+    # ------------------------------------------------------------ public API
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def error(self) -> ConfigError | None:
+        """The fatal ConfigError, if the broker refused us."""
+        return self._error
+
+    def start(self, wait_connected: float | None = None) -> bool:
+        """Start the network thread.  With ``wait_connected`` seconds, wait for the CONNACK and
+        the SUBACKs of the subscriptions made so far; True if connected.  Raises ConfigError
+        when the broker refuses us."""
+        if self._started:
+            raise RuntimeError("MqttClient.start() called twice")
+        self._started = True
+        props = None
+        if self._v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 0 if self.clean_session else self._session_expiry
+        self._client.connect_async(self.broker.host, self.broker.port, keepalive=self._keepalive,
+                                   clean_start=self.clean_session if self._v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+                                   properties=props)
+        self._client.loop_start()
+        log.debug("connecting to %s as %s", self.broker, self.client_id)
+        if wait_connected is None:
+            return self.connected
+        return self.wait_connected(wait_connected)
+
+    def wait_connected(self, timeout: float | None = None) -> bool:
+        """Wait until connected and subscribed; True if so, False on timeout; ConfigError if refused."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self.raise_if_failed()
+            if self._connected.is_set() and self._subscribed.is_set():
+                return True
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            self._connected.wait(0.05 if left is None else min(0.05, left))
+            if self._connected.is_set():
+                self._subscribed.wait(0.05 if left is None else min(0.05, max(left, 0)))
+            elif self._finished.is_set():
+                self.raise_if_failed()
+                return False
+
+    def raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+        """Route messages matching ``topic_filter`` to ``handler(topic, payload)``; survives reconnects."""
+        if qos not in (0, 1, 2):
+            raise UsageError(f"subscription QoS {qos} is not 0, 1 or 2")
+        with self._lock:
+            self._subs[topic_filter] = (qos, handler)
+            if self._connected.is_set():
+                self._subscribed.clear()
+                self._send_subscribe([(topic_filter, qos)])
+
+    def unsubscribe(self, topic_filter: str, timeout: float = 5.0) -> bool:
+        """Stop the subscription; messages that arrive before the broker's UNSUBACK still reach the
+        handler (a draining worker loses nothing).  True if the broker acknowledged within ``timeout``."""
+        with self._lock:
+            if topic_filter not in self._subs:
+                return True
+            done = threading.Event()
+            acked = False
+            if self._connected.is_set():
+                rc, mid = self._client.unsubscribe(topic_filter)
+                if rc == paho.MQTT_ERR_SUCCESS and mid is not None:
+                    self._unsubacks[mid] = done
+        if self._connected.is_set():
+            acked = done.wait(timeout)
+        with self._lock:
+            self._subs.pop(topic_filter, None)
+        return acked
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> Delivery:
+        """Publish; returns a Delivery.  Offline QoS>0 messages are queued and sent on reconnect."""
+        if self._error is not None:
+            raise self._error
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        d = Delivery(info.mid, topic)
+        if info.rc == paho.MQTT_ERR_QUEUE_SIZE:
+            log.warning("outgoing queue full, dropped a message for %s", topic)
+            return d
+        with self._lock:
+            if info.mid in self._early:
+                self._early.discard(info.mid)
+                d._event.set()
+            else:
+                self._deliveries[info.mid] = d
+        return d
+
+    def in_flight(self) -> int:
+        """Publishes not yet acknowledged by the broker."""
+        with self._lock:
+            return len(self._deliveries)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Wait up to ``timeout`` s for in-flight publishes, DISCONNECT cleanly (no will), stop the thread."""
+        if not self._started or self._stopping:
+            return
+        deadline = time.monotonic() + timeout
+        while self._connected.is_set() and self.in_flight() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if self.in_flight():
+            log.warning("stopping with %d publish(es) not acknowledged by %s", self.in_flight(), self.broker)
+        self._stopping = True
+        self._finished.set()
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._connected.clear()
+        log.debug("disconnected from %s", self.broker)
+
+    def __enter__(self) -> "MqttClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------ internals
+    def _send_subscribe(self, items: list[tuple[str, int]]) -> None:
+        rc, mid = self._client.subscribe(items)
+        if rc == paho.MQTT_ERR_SUCCESS and mid is not None:
+            self._pending_subacks.add(mid)
+
+    def _next_delay(self) -> None:
+        # paho waits its min delay after a failure; setting min = max = a fresh
+        # full-jitter draw before each wait turns its plain doubling into ours.
+        d = self.backoff.delay(self._attempt, self._rng)
+        self._attempt += 1
+        self._client.reconnect_delay_set(min_delay=d, max_delay=d)  # type: ignore[arg-type]
+
+    def _fail(self, error: ConfigError) -> None:
+        if self._error is not None:
+            return
+        self._error = error
+        self._finished.set()
+        self._client.disconnect()               # stops paho's retry loop
+        log.debug("giving up on %s: %s", self.broker, error.message)
+        if self._on_fatal is not None:
+            try:
+                self._on_fatal(error)
+            except Exception:
+                log.exception("on_fatal callback failed")
+
+    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        try:
+            code = reason_code.value if hasattr(reason_code, "value") else int(reason_code)
+            if code != 0:
+                if code in _FATAL_CONNACK:
+                    user = self.broker.username
+                    self._fail(ConfigError(
+                        f"broker {self.broker} refused the connection: {_FATAL_CONNACK[code]} "
+                        f"(client id {self.client_id!r}, user {user!r})",
+                        fix="check the user name and password (mqtt://USER:PASS@host:port) and the broker's ACL; "
+                            "edgesplit does not retry a refused login"))
+                else:
+                    log.warning("broker %s refused the connection for now (%s); retrying", self.broker, reason_code)
+                    self._next_delay()
+                return
+            self.session_present = bool(flags.session_present)
+            self.connects += 1
+            self._attempt = 0
+            self._silent_drops = 0
+            self._outage_logged = False
+            self._next_delay()
+            with self._lock:
+                self._subscribed.clear()
+                self._pending_subacks.clear()
+                items = [(f, q) for f, (q, _) in self._subs.items()]
+                if items:
+                    self._send_subscribe(items)
+                else:
+                    self._subscribed.set()
+                self._connected.set()
+            log.info("connected to %s as %s%s", self.broker, self.client_id,
+                     " (session resumed)" if self.session_present else "")
+            if self._on_online is not None:
+                self._on_online()
+        except Exception:
+            log.exception("error in the MQTT connect handler")
+
+    def _handle_connect_fail(self, client, userdata) -> None:
+        try:
+            exc = getattr(client, "tls_failure", None)
+            if exc is not None:
+                self._fail(ConfigError(
+                    f"TLS verification of broker {self.broker} failed: {exc.verify_message or exc}",
+                    fix="pass the CA that signed the broker's certificate (?ca=/path/ca.pem) and connect "
+                        "with the host name the certificate was made for"))
+                return
+            if not self._outage_logged and not self._stopping:
+                self._outage_logged = True
+                log.warning("broker %s is not reachable; retrying with backoff (up to %.0f s apart)",
+                            self.broker, self.backoff.maximum)
+            self._next_delay()
+        except Exception:
+            log.exception("error in the MQTT connect-fail handler")
+
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        try:
+            was = self._connected.is_set()
+            self._connected.clear()
+            self._subscribed.clear()
+            if self._finished.is_set():
+                return
+            self._next_delay()
+            if was:
+                log.warning("lost the connection to %s (%s); reconnecting", self.broker, reason_code)
+                if self._on_offline is not None:
+                    self._on_offline()
+            else:
+                # Some brokers (rumqttd) drop a bad login without a CONNACK code: say so once.
+                self._silent_drops += 1
+                if self._silent_drops == 3:
+                    log.warning("broker %s keeps closing the connection before answering the login: wrong "
+                                "user name or password on a broker that does not say so, or not an MQTT "
+                                "port (%s)? Retrying with backoff.", self.broker,
+                                "TLS expected?" if not self.broker.tls else "plain MQTT expected?")
+        except Exception:
+            log.exception("error in the MQTT disconnect handler")
+
+    def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        try:
+            with self._lock:
+                self._pending_subacks.discard(mid)
+                if not self._pending_subacks and self._connected.is_set():
+                    self._subscribed.set()
+            for rc in reason_codes:
+                if getattr(rc, "is_failure", False):
+                    log.warning("broker %s refused a subscription (%s): check the ACL", self.broker, rc)
+        except Exception:
+            log.exception("error in the MQTT subscribe handler")
+
+    def _handle_unsubscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        with self._lock:
+            done = self._unsubacks.pop(mid, None)
+        if done is not None:
+            done.set()
+
+    def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        with self._lock:
+            d = self._deliveries.pop(mid, None)
+            if d is None:
+                self._early.add(mid)
+        if d is not None:
+            d._event.set()
+
+    def _handle_message(self, client, userdata, message) -> None:
+        topic = message.topic
+        with self._lock:
+            handlers = [h for f, (_, h) in self._subs.items() if filter_matches(f, topic)]
+        if not handlers:
+            log.debug("no handler for message on %s", topic)
+        for h in handlers:
+            try:
+                h(topic, message.payload)
+            except Exception:
+                log.exception("handler for %s failed; continuing", topic)
+
