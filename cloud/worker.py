@@ -1,0 +1,503 @@
+"""The cloud worker: feature frames in, tail results out, bad frames to the dead-letter topic.
+
+Every worker subscribes to ``$share/<group>/edgesplit/v1/<fleet>/+/features``,
+so N workers (processes, hosts) split the devices' frames on the broker.  A
+frame is decoded (``protocol.frame``; with per-device keys its MAC is checked
+and a ``protocol.signing.ReplayWindow`` refuses replays), checked against the
+bundle it names (``cloud.registry``), recognised if it re-sends a request
+already seen (``cloud.dedupe``: the tail never runs twice for one request, a
+missed answer is re-published), batched with the frames that arrived with it
+(``cloud.batcher``), run through the tail, and answered on its device's
+results topic with the same request id (QoS 1, never retained).  Anything
+wrong with a frame — undecodable, bad or missing MAC, unknown device, replay,
+unknown bundle, wrong shape or dtype, device id not matching its topic — goes
+to the dead-letter topic with the reason and is counted; the worker never
+stops on input.  Every received frame is counted exactly once as answered,
+an error result, dead-lettered, or a duplicate.  SIGTERM drains: unsubscribe,
+answer every frame already received, wait for the broker's acknowledgements,
+exit 0.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from cloud.batcher import MicroBatcher
+from cloud.dedupe import DedupeWindow, Verdict
+from cloud.registry import Registry, Served, _reject
+from protocol import signing, topics
+from protocol.errors import ConfigError, EdgesplitError, FrameError, TopicError, UsageError
+from protocol.frame import Frame, decode_frame, encode_frame, now_us
+from protocol.mqtt import MqttClient, parse_url
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GROUP = "edgesplit"
+DEFAULT_REPLAY_WINDOW_S = 120.0
+
+
+class _Item(NamedTuple):
+    topic: str
+    payload: bytes
+    t_recv_us: int
+
+
+@dataclasses.dataclass
+class WorkerStats:
+    """Counters of one worker (or the sum over several).
+
+    ``received == answered + errors + dead_lettered + duplicates + refused`` once the
+    worker has caught up: every frame lands in exactly one of those.
+    """
+
+    received: int = 0
+    answered: int = 0
+    dead_lettered: int = 0
+    errors: int = 0             # frames answered with an error result (the tail failed)
+    duplicates: int = 0         # re-sent requests recognised and not run again (cloud.dedupe)
+    republished: int = 0        # of those, answered again with the stored answer
+    refused: int = 0            # arrived after a drain had begun and were not taken
+    batches: int = 0            # tail invocations
+    batched_frames: int = 0     # frames that went through those invocations
+    seconds: float = 0.0
+    reasons: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    @property
+    def mean_batch(self) -> float:
+        return self.batched_frames / self.batches if self.batches else 0.0
+
+    @property
+    def settled(self) -> int:
+        """Frames accounted for so far (equals ``received`` when nothing is queued)."""
+        return self.answered + self.errors + self.dead_lettered + self.duplicates + self.refused
+
+    def line(self) -> str:
+        why = ", ".join(f"{k} {v}" for k, v in self.reasons.most_common()) or "none"
+        rate = self.answered / self.seconds if self.seconds > 0 else 0.0
+        extra = f", refused while draining {self.refused}" if self.refused else ""
+        return (f"received {self.received}, answered {self.answered}, dead-lettered {self.dead_lettered} "
+                f"({why}), errors {self.errors}, duplicates {self.duplicates} (re-answered "
+                f"{self.republished}){extra}, batches {self.batches} (mean {self.mean_batch:.1f}), "
+                f"{rate:.0f} answers/s over {self.seconds:.0f} s")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["reasons"] = dict(self.reasons)
+        d["mean_batch"] = self.mean_batch
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "WorkerStats":
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        d["reasons"] = collections.Counter(d.get("reasons", {}))
+        return cls(**d)
+
+    def __add__(self, other: "WorkerStats") -> "WorkerStats":
+        out = WorkerStats()
+        for f in dataclasses.fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            setattr(out, f.name, max(a, b) if f.name == "seconds" else a + b)
+        return out
+
+
+def _default_name() -> str:
+    host = "".join(c if c.isalnum() or c in "-_." else "-" for c in socket.gethostname())[:32] or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def load_keys(paths) -> dict[str, bytes]:
+    """Per-device frame keys for ``--keys``: directories of ``<device-id>.key`` files and/or
+    single ``<device-id>.key`` files (``protocol.signing``'s format), merged."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    keys: dict[str, bytes] = {}
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = signing.load_keys(p)
+        elif p.is_file() and p.name.endswith(signing.KEY_SUFFIX):
+            found = {topics.check_id(p.name[:-len(signing.KEY_SUFFIX)]): signing.load_key(p)}
+        elif p.exists():
+            raise UsageError(f"key file {p} is not named <device-id>{signing.KEY_SUFFIX}",
+                             fix="name each key file after its device, e.g. pi-001.key, or give their directory")
+        else:
+            raise UsageError(f"key directory or file {p} does not exist",
+                             fix="give the folder holding <device-id>.key files (protocol.signing.write_key)")
+        for dev, k in found.items():
+            if dev in keys and keys[dev] != k:
+                raise UsageError(f"two different keys for device {dev!r} in {', '.join(map(str, paths))}",
+                                 fix="keep one <device-id>.key per device")
+            keys[dev] = k
+    if not keys:
+        raise UsageError(f"no <device-id>{signing.KEY_SUFFIX} file in {', '.join(map(str, paths))}",
+                         fix="write one key per device with protocol.signing.write_key, or drop --keys")
+    return keys
+
+
+class Worker:
+    """One MQTT client on the shared subscription, one batching thread, the registry's tails.
+
+    ``keys``: per-device frame keys ({device_id: key}, a callable, or one key for all):
+    every frame must then carry a valid MAC, strangers are refused, and a
+    ``ReplayWindow`` of ``replay_window_s`` seconds refuses replays.  ``dedupe``: the
+    window of requests seen (default :class:`cloud.dedupe.DedupeWindow()`).
+    """
+
+    def __init__(self, registry: Registry, broker: str, *, group: str = DEFAULT_GROUP, fleet: str = "+",
+                 max_batch: int = 32, max_wait_ms: float = 5.0, name: str | None = None,
+                 keys: signing.KeySource | None = None, replay_window_s: float | None = DEFAULT_REPLAY_WINDOW_S,
+                 dedupe: DedupeWindow | None = None, stats_every: float = 0.0, **mqtt_options):
+        self.registry = registry
+        self.name = name or _default_name()
+        self.keys = keys
+        # Replay protection only means something when frames are signed: without a MAC
+        # anyone can mint a fresh sequence number and send time.
+        self.replay = (signing.ReplayWindow(replay_window_s) if keys is not None and replay_window_s
+                       else None)
+        self.dedupe = dedupe if dedupe is not None else DedupeWindow()
+        self.filter = topics.shared_features(group, fleet)
+        self.stats = WorkerStats()
+        self._started_at: float | None = None
+        self._stats_every = stats_every
+        self._stop_stats = threading.Event()
+        mqtt_options.setdefault("client_id", f"edgesplit-cloud-{self.name}")
+        self.client = MqttClient(broker, **mqtt_options)
+        self.batcher = MicroBatcher(self._process, max_batch=max_batch, max_wait_s=max_wait_ms / 1000.0,
+                                    name=f"batcher-{self.name}")
+        self.client.subscribe(self.filter, self._on_message, qos=1)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, wait_connected: float | None = None) -> bool:
+        self._started_at = time.monotonic()
+        ok = self.client.start(wait_connected=wait_connected)
+        if self._stats_every > 0:
+            threading.Thread(target=self._stats_loop, name="stats", daemon=True).start()
+        return ok
+
+    def stop(self, drain_timeout: float = 30.0) -> WorkerStats:
+        """Drain: stop new frames at the broker, answer every received one, flush, disconnect."""
+        self._stop_stats.set()
+        if self.client.connected:
+            self.client.unsubscribe(self.filter, timeout=min(5.0, drain_timeout))
+        if not self.batcher.close(drain_timeout):
+            log.warning("worker %s: %d frame(s) still queued after %.0f s of draining",
+                        self.name, self.batcher.pending, drain_timeout)
+        self.client.stop(timeout=min(10.0, drain_timeout))
+        self._touch()
+        return self.stats
+
+    def _touch(self) -> None:
+        if self._started_at is not None:
+            self.stats.seconds = time.monotonic() - self._started_at
+
+    def _stats_loop(self) -> None:
+        while not self._stop_stats.wait(self._stats_every):
+            self._touch()
+            log.info("worker %s: %s", self.name, self.stats.line())
+
+    # ------------------------------------------------------------------ network thread
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        self.stats.received += 1
+        if not self.batcher.put(_Item(topic, payload, now_us())):
+            self.stats.refused += 1
+            log.warning("worker %s is draining; a frame on %s arrived after the unsubscribe", self.name, topic)
+
+    # ------------------------------------------------------------------ batch thread
+    def _process(self, batch: list[_Item]) -> None:
+        groups: dict[str, list] = collections.defaultdict(list)
+        served_by: dict[str, Served] = {}
+        for item in batch:
+            try:
+                where = topics.parse(item.topic)
+            except TopicError as exc:
+                self._dead_letter(item, None, "bad-topic", exc.message)
+                continue
+            try:
+                frame = decode_frame(item.payload, key=self.keys)   # MAC checked before the tensor
+                if frame.device_id != where.device:
+                    raise _reject("device-mismatch", f"frame from device {frame.device_id!r} arrived on the topic "
+                                                     f"of device {where.device!r}")
+                if self.replay is not None:
+                    self.replay.check_frame(frame)                  # only after the MAC proved seq and time
+                served = self.registry.lookup(frame)
+                tensor = served.check(frame)
+            except FrameError as exc:
+                self._dead_letter(item, where, getattr(exc, "reason", None) or "bad-frame", exc.message)
+                continue
+            except Exception as exc:  # a decoder bug must not take the worker down
+                log.exception("unexpected error on a frame from %s", item.topic)
+                self._dead_letter(item, where, "internal-error", f"{type(exc).__name__}: {exc}")
+                continue
+            verdict, stored = self.dedupe.check(frame.device_id, frame.request_id, item.t_recv_us)
+            if verdict is not Verdict.NEW:
+                self.stats.duplicates += 1
+                if verdict is Verdict.ANSWERED:
+                    self.stats.republished += 1
+                    d = topics.delivery(topics.RESULTS)
+                    self.client.publish(stored[0], stored[1], qos=d.qos, retain=d.retain)
+                log.debug("request %d of %s re-sent: %s", frame.request_id, frame.device_id, verdict.value)
+                continue
+            served_by[served.bundle_id] = served
+            groups[served.bundle_id].append((item, where, frame, tensor))
+        for bundle_id, rows in groups.items():
+            self._answer(served_by[bundle_id], rows)
+        self._touch()
+
+    def _answer(self, served: Served, rows: list) -> None:
+        try:
+            outputs = served.run([r[3] for r in rows])
+        except Exception as exc:
+            log.exception("tail of bundle %s failed on a batch of %d", served.bundle_id, len(rows))
+            for item, where, frame, _ in rows:
+                self._publish_result(where, Frame.error_result(frame, f"the tail failed: {exc}",
+                                                               t_recv_us=item.t_recv_us))
+                self.stats.errors += 1
+            return
+        self.stats.batches += 1
+        self.stats.batched_frames += len(rows)
+        for (item, where, frame, _), y in zip(rows, outputs):
+            try:
+                result = Frame.result(frame, np.asarray(y, dtype=np.float32), t_recv_us=item.t_recv_us)
+            except FrameError as exc:
+                result = Frame.error_result(frame, f"could not encode the result: {exc.message}",
+                                            t_recv_us=item.t_recv_us)
+                self.stats.errors += 1
+            else:
+                self.stats.answered += 1
+            self._publish_result(where, result)
+
+    def _publish_result(self, where: topics.Topic, result: Frame) -> None:
+        try:
+            payload = encode_frame(result, key=self.keys)
+        except EdgesplitError:
+            payload = encode_frame(result)
+        d = topics.delivery(topics.RESULTS)
+        topic = topics.results(where.fleet, where.device)
+        self.client.publish(topic, payload, qos=d.qos, retain=d.retain)
+        # kept so that a re-send arriving after this moment gets the same answer again
+        self.dedupe.answered(result.device_id, result.request_id, topic, payload)
+
+    def _dead_letter(self, item: _Item, where: topics.Topic | None, reason: str, detail: str) -> None:
+        self.stats.dead_lettered += 1
+        self.stats.reasons[reason] += 1
+        fleet, device = (where.fleet, where.device) if where is not None else _salvage_ids(item.topic)
+        log.debug("dead letter from %s: %s (%s)", item.topic, reason, detail)
+        try:
+            msg = topics.encode_dead_letter(reason, item.topic, item.payload, detail=detail, worker=self.name)
+            d = topics.delivery(topics.DEAD_LETTER)
+            self.client.publish(topics.dead_letter(fleet, device), msg, qos=d.qos, retain=d.retain)
+        except Exception:
+            log.exception("could not publish a dead letter for %s", item.topic)
+
+
+def _salvage_ids(topic: str) -> tuple[str, str]:
+    """Fleet and device for the dead letter of a frame whose topic did not parse."""
+    parts = topic.split("/")
+    out = []
+    for i in (2, 3):
+        try:
+            out.append(topics.check_id(parts[i]))
+        except (IndexError, TopicError):
+            out.append("unknown")
+    return out[0], out[1]
+
+
+# ---------------------------------------------------------------------- running workers
+
+@dataclasses.dataclass
+class CloudRun:
+    """What ``edgesplit cloud`` reports when it stops."""
+
+    broker: str
+    group: str
+    bundles: list[str]
+    workers: int
+    stats: WorkerStats
+    per_worker: list[WorkerStats]
+    restarted: int = 0        # workers started again after being killed (their counters are lost)
+
+    def summary(self) -> str:
+        lines = [f"cloud: {self.workers} worker(s) on {self.broker} (group {self.group}), bundles "
+                 f"{', '.join(self.bundles)}", f"  total: {self.stats.line()}"]
+        if self.restarted:
+            lines.append(f"  restarted {self.restarted} killed worker(s); their counters are not in the total")
+        if len(self.per_worker) > 1:
+            lines += [f"  worker {i}: {s.line()}" for i, s in enumerate(self.per_worker)]
+        return "\n".join(lines)
+
+
+def _wait_for_signal(stop: threading.Event) -> dict:
+    def handler(signum, frame):
+        log.info("%s: draining", signal.Signals(signum).name)
+        stop.set()
+
+    return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def run_worker(bundles: list[str], broker: str, *, group: str = DEFAULT_GROUP, fleet: str = "+",
+               max_batch: int = 32, max_wait_ms: float = 5.0, stats_every: float = 30.0,
+               num_threads: int | None = None, keys=None, name: str | None = None,
+               stop: threading.Event | None = None, ready=None, **options) -> WorkerStats:
+    """One worker in this process until SIGTERM/SIGINT (or ``stop`` is set); returns its counters.
+
+    ``options`` go to :class:`Worker` (``replay_window_s``, ``dedupe``, MQTT options such as
+    ``backoff``).  Raises ConfigError (exit 78) when the broker refuses the worker's credentials.
+    """
+    stop = stop or threading.Event()
+    in_main = threading.current_thread() is threading.main_thread()
+    old = _wait_for_signal(stop) if in_main else {}     # first: a SIGTERM while loading still drains
+    fatal: list[ConfigError] = []
+
+    def on_fatal(err):
+        fatal.append(err)
+        stop.set()
+
+    try:
+        registry = Registry.load(bundles, num_threads=num_threads)
+        worker = Worker(registry, broker, group=group, fleet=fleet, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                        name=name, keys=keys, stats_every=stats_every, on_fatal=on_fatal, **options)
+    except BaseException:
+        for s, h in old.items():
+            signal.signal(s, h)
+        raise
+    try:
+        if not worker.start(wait_connected=10):
+            log.warning("worker %s: broker %s not reachable yet; retrying in the background",
+                        worker.name, worker.client.broker)
+        else:
+            log.info("worker %s ready on %s (%s)", worker.name, worker.client.broker, worker.filter)
+        if ready is not None:
+            ready(worker)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        stats = worker.stop()
+        for s, h in old.items():
+            signal.signal(s, h)
+    if fatal:
+        raise fatal[0]
+    log.info("worker %s stopped: %s", worker.name, stats.line())
+    return stats
+
+
+def _child(kwargs: dict, results) -> None:
+    """Entry point of a worker process started by :func:`serve`."""
+    logging.basicConfig(level=kwargs.pop("log_level", logging.INFO), format="%(message)s")
+    try:
+        stats = run_worker(**kwargs)
+    except ConfigError as exc:
+        results.put((kwargs.get("name"), "config", exc.message, exc.fix))
+        raise SystemExit(exc.exit_code)
+    except EdgesplitError as exc:
+        results.put((kwargs.get("name"), "error", exc.message, exc.fix))
+        raise SystemExit(exc.exit_code)
+    results.put((kwargs.get("name"), "stats", stats.to_dict(), None))
+
+
+def serve(bundles: list[str], broker: str, *, workers: int = 1, group: str = DEFAULT_GROUP, fleet: str = "+",
+          max_batch: int = 32, max_wait_ms: float = 5.0, stats_every: float = 30.0,
+          num_threads: int | None = None, keys=None,
+          replay_window_s: float | None = DEFAULT_REPLAY_WINDOW_S) -> CloudRun:
+    """``edgesplit cloud``: run ``workers`` worker processes on one shared subscription until SIGTERM.
+
+    ``keys``: a directory of ``<device-id>.key`` files, or such files (a list of paths):
+    frames must then be signed by their device (see :func:`load_keys`).
+    """
+    if workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {workers}")
+    if not bundles:
+        raise UsageError("no bundle to serve", fix="pass --bundle DIR_OR_TAR_GZ (several allowed)")
+    topics.check_id(group, "share group")
+    parse_url(broker)  # a bad URL fails here, once, not in every child
+    if keys is not None:
+        keys = load_keys(keys)
+        log.info("frames must be signed: keys of %d device(s) loaded", len(keys))
+    from protocol.manifest import load_bundle
+    ids = [load_bundle(b).bundle_id for b in bundles]   # fail here, once, on a bad bundle
+    common = dict(bundles=[str(Path(b)) for b in bundles], broker=broker, group=group, fleet=fleet,
+                  max_batch=max_batch, max_wait_ms=max_wait_ms, stats_every=stats_every,
+                  num_threads=num_threads, keys=keys, replay_window_s=replay_window_s)
+    if workers == 1:
+        stats = run_worker(**common)
+        return CloudRun(str(parse_url(broker)), group, ids, 1, stats, [stats])
+
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    base = _default_name()
+    level = logging.getLogger().getEffectiveLevel()
+
+    def spawn(i: int, generation: int = 0):
+        suffix = f"-w{i}" + (f"r{generation}" if generation else "")
+        kw = dict(common, name=f"{base}{suffix}", log_level=level)
+        p = ctx.Process(target=_child, args=(kw, results), name=f"cloud-worker-{i}", daemon=False)
+        p.start()
+        return p
+
+    procs = [spawn(i) for i in range(workers)]
+    restarts: list[float] = []            # times of recent restarts, for the crash-loop limit
+    restarted = 0
+    stop = threading.Event()
+    old = _wait_for_signal(stop)
+    try:
+        while not stop.wait(0.5):
+            fatal = None
+            for i, p in enumerate(procs):
+                if p.exitcode is None:
+                    continue
+                if p.exitcode < 0 and p.exitcode != -signal.SIGTERM:
+                    # killed (OOM killer, kill -9): the others carry on; what it had taken but not
+                    # answered is re-sent by the devices (resend after a timeout), so start a new one
+                    now = time.monotonic()
+                    restarts[:] = [t for t in restarts if now - t < 60] + [now]
+                    if len(restarts) > 3 * workers:
+                        log.error("workers keep dying (%d restarts in a minute); stopping", len(restarts))
+                        fatal = p
+                        break
+                    log.error("worker %s was killed (%s); the others carry on; starting a new one", p.name,
+                              signal.Signals(-p.exitcode).name)
+                    restarted += 1
+                    procs[i] = spawn(i, restarted)
+                    continue
+                fatal = p
+                break
+            if fatal is not None:
+                # a refused login (78) is reported once, below, from the child's message
+                (log.debug if fatal.exitcode == 78 else log.error)(
+                    "worker %s exited with code %s; stopping the others", fatal.name, fatal.exitcode)
+                break
+    finally:
+        for p in procs:
+            if p.exitcode is None:
+                p.terminate()            # SIGTERM: the child drains
+        for p in procs:
+            p.join(60)
+            if p.exitcode is None:
+                p.kill()
+                p.join()
+        for s, h in old.items():
+            signal.signal(s, h)
+    per, problems = [], []
+    while not results.empty():
+        name, kind, a, b = results.get()
+        if kind == "stats":
+            per.append(WorkerStats.from_dict(a))
+        else:
+            problems.append((kind, a, b))
+    for kind, message, fix in problems:
+        if kind == "config":
+            raise ConfigError(message, fix=fix)
+    if problems:
+        raise EdgesplitError(problems[0][1], fix=problems[0][2])
+    total = sum(per, WorkerStats())
+    return CloudRun(str(parse_url(broker)), group, ids, workers, total, per, restarted=restarted)
