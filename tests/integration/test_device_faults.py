@@ -1,0 +1,124 @@
+"""Faults the device must ride out: a broker killed mid-stream, a device killed mid-stream (outbox)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device.agent import DeviceAgent
+from protocol import topics
+from protocol.frame import decode_frame
+from protocol.mqtt import MqttClient
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.timeout(400)
+
+
+@pytest.fixture(scope="module")
+def bundle_dir() -> Path:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from unit.test_device_runtime import tiny_artifacts
+
+    return tiny_artifacts() / "bundle"
+
+
+@pytest.fixture
+def cloud_thread(bundle_dir):
+    """A real cloud worker (cloud.worker.run_worker) in a thread of this process."""
+    from cloud.worker import run_worker
+
+    stops = []
+
+    def start(url: str):
+        stop, ready = threading.Event(), threading.Event()
+        t = threading.Thread(target=run_worker, args=([str(bundle_dir)], url),
+                             kwargs=dict(stop=stop, ready=lambda w: ready.set(), stats_every=0), daemon=True)
+        t.start()
+        assert ready.wait(60)
+        stops.append((stop, t))
+
+    yield start
+    for stop, t in stops:
+        stop.set()
+        t.join(30)
+
+
+def test_broker_killed_mid_stream_every_request_answered_once(mosquitto_broker, bundle_dir, cloud_thread):
+    from converter import datasets
+
+    x, _ = datasets.synthetic_images(600, seed=5)
+    cloud_thread(mosquitto_broker.url)
+    seen: dict[str, int] = {}
+    with DeviceAgent(bundle_dir, mosquitto_broker.url, "pi-fault", fleet="lab", timeout=120,
+                     resend_after=5.0) as agent:
+        for r in agent.run_arrays(x, ids=[f"img{i}" for i in range(len(x))]):
+            assert r.ok, r.error
+            seen[r.input] = seen.get(r.input, 0) + 1
+            if len(seen) == 150:
+                mosquitto_broker.kill()          # SIGKILL: whatever it held in memory is gone
+                time.sleep(1.0)
+                mosquitto_broker.restart()
+    assert sorted(seen) == sorted(f"img{i}" for i in range(len(x)))
+    assert set(seen.values()) == {1}
+    s = agent.stats
+    assert s.answered == s.requests == 600 and s.timeouts == 0
+    assert s.connects >= 2 and s.resends > 0
+
+
+def _device(tmp_path, *args):
+    return subprocess.Popen([sys.executable, "-m", "edgesplit", "device", "run", *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_device_killed_mid_stream_resends_its_outbox(mosquitto_broker, bundle_dir, cloud_thread, tmp_path):
+    from converter import datasets
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    x, _ = datasets.synthetic_images(200, seed=9)
+    for i, img in enumerate(np.round(x[..., 0] * 255).astype(np.uint8)):
+        Image.fromarray(img, "L").save(folder / f"{i:04d}.png")
+    url = mosquitto_broker.url
+    outbox = tmp_path / "outbox.sqlite"
+
+    # every request id the device ever published, from the broker's side
+    published: set[int] = set()
+    spy = MqttClient(url)
+    spy.subscribe(topics.features("lab", "pi-box"), lambda t, p: published.add(decode_frame(p).request_id))
+    assert spy.start(wait_connected=10)
+
+    # run 1: no cloud yet, so requests pile up in the outbox; kill -9 once the window is full
+    common = ("--broker", url, "--device-id", "pi-box", "--fleet", "lab", "--bundle", bundle_dir,
+              "--outbox", outbox, "--timeout", 120)
+    dev = _device(tmp_path, *common, folder)
+    deadline = time.monotonic() + 90
+    while len(published) < 64 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    dev.kill()
+    dev.communicate(timeout=30)
+    assert len(published) >= 64
+    accepted = set(published)
+
+    # run 2: the cloud is up; the device is restarted with no new input: the outbox is re-sent and answered
+    cloud_thread(url)
+    dev = _device(tmp_path, *common)
+    out, err = dev.communicate(timeout=180)
+    assert dev.returncode == 0, err
+    rows = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert all(r.get("recovered") and "error" not in r for r in rows)
+    assert {r["request_id"] for r in rows} == accepted          # nothing lost
+    assert len(rows) == len(accepted)                            # nothing answered twice
+    assert {Path(r["input"]).parent for r in rows} == {folder}   # results name the original files
+
+    # run 3: nothing is left
+    dev = _device(tmp_path, *common)
+    out, err = dev.communicate(timeout=120)
+    assert dev.returncode == 0 and out.strip() == "", err
+    spy.stop()
