@@ -461,7 +461,11 @@ def run_doctor(bundle: str | None = None, broker: str | None = None, config: str
     if unknown:
         from protocol.errors import UsageError
 
-        raise UsageError(f"unknown check {unknown[0]!r} to skip", fix=f"checks: {', '.join(CHECK_NAMES)}")
+        import difflib
+
+        near = difflib.get_close_matches(unknown[0].lower(), CHECK_NAMES, n=1)
+        raise UsageError(f"unknown check {unknown[0]!r} to skip",
+                         fix=(f"did you mean {near[0]!r}? " if near else "") + f"checks: {', '.join(CHECK_NAMES)}")
     return _Doctor(bundle, broker, config, timeout, camera, dict(os.environ if env is None else env),
                    tuple(n.lower() for n in skip)).run()
 

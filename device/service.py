@@ -621,10 +621,9 @@ class DeviceService:
     # ------------------------------------------------------------- signals
     def request_stop(self, *_args) -> None:
         """Stop taking inputs, answer what is in flight briefly, exit cleanly (signal-safe)."""
-        if not self._stop.is_set():
-            self._stop.set()
-            if self.agent is not None:
-                self.agent.request_stop()
+        self._stop.set()
+        if self.agent is not None:
+            self.agent.request_stop()
 
     # ------------------------------------------------------------- set-up
     def _build_agent(self):
@@ -654,7 +653,8 @@ class DeviceService:
         self._beat()
         self._in_flight_names.discard(r.input)
         if r.ok:
-            log.info("%s -> %s (%.3f) in %.1f ms", r.input, r.label, r.probability or 0.0, r.latency_ms or 0.0)
+            # every result is in results.jsonl; the journal gets one line per burst (see _watch)
+            log.debug("%s -> %s (%.3f) in %.1f ms", r.input, r.label, r.probability or 0.0, r.latency_ms or 0.0)
         else:
             log.warning("%s: %s", r.input, r.error)
         path = self.config.results_path
@@ -754,7 +754,14 @@ class DeviceService:
             from device.sources import Sample
 
             self._in_flight_names.update(str(p) for p in burst)
+            st = agent.stats
+            before = (st.answered - st.worker_errors, st.worker_errors + st.failed_inputs + st.timeouts)
+            t0 = time.monotonic()
             self._consume(agent.run_samples([Sample(str(p), p) for p in burst]), roots)
+            ok = st.answered - st.worker_errors - before[0]
+            bad = st.worker_errors + st.failed_inputs + st.timeouts - before[1]
+            log.info("%d new image(s): %d answered, %d failed in %.2f s; %s", len(burst), ok, bad,
+                     time.monotonic() - t0, self.status_line())
 
     # ------------------------------------------------------------- run
     def run(self) -> int:
@@ -773,6 +780,8 @@ class DeviceService:
         try:
             try:
                 self.agent = self._build_agent()
+                if self._stop.is_set():          # SIGTERM while the head was loading
+                    self.agent.request_stop()
                 self.agent.start()
             except EdgesplitError as exc:
                 # a bad bundle, config or refused login does not get better by restarting

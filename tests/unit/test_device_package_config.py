@@ -1,0 +1,153 @@
+"""The device config file (device.toml), its credentials, and the systemd notify protocol of the service."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from device.service import (CREDENTIAL_NAMES, Notifier, dump_config, load_config, parse_config,
+                            resolve_credentials)
+from protocol.errors import ConfigError
+
+GOOD = """\
+device_id = "pi-001"
+fleet = "lab"
+bundle = "bundle"
+state_dir = "state"
+
+[broker]
+url = "mqtts://broker.example.org:8883"
+credentials = "creds"
+
+[inputs]
+sources = ["inbox", "/srv/more"]
+
+[agent]
+batch = 8
+"""
+
+
+def _write(tmp_path, text, name="device.toml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_a_valid_config_resolves_paths_against_its_folder(tmp_path):
+    cfg = load_config(_write(tmp_path, GOOD))
+    assert (cfg.device_id, cfg.fleet, cfg.batch, cfg.max_in_flight) == ("pi-001", "lab", 8, 64)
+    assert cfg.bundle == tmp_path / "bundle" and cfg.state_dir == tmp_path / "state"
+    assert cfg.credentials == tmp_path / "creds"
+    assert cfg.inputs == (str(tmp_path / "inbox"), "/srv/more")
+    assert cfg.outbox_path == tmp_path / "state" / "outbox.sqlite"
+    # the writer's output reads back to the same configuration
+    again = load_config(_write(tmp_path, dump_config(cfg), "again.toml"))
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_json_config_works_too(tmp_path):
+    p = _write(tmp_path, '{"device_id": "d1", "bundle": "/b", "broker": {"url": "mqtt://h:1883"}}', "device.json")
+    cfg = load_config(p)
+    assert cfg.device_id == "d1" and cfg.inputs == ("/var/lib/edgesplit/inbox",)
+
+
+@pytest.mark.parametrize("text, words", [
+    (GOOD.replace("batch = 8", "bacth = 8"), ["`agent.bacth` (line 14)", "did you mean `agent.batch`"]),
+    (GOOD.replace('fleet = "lab"', 'flet = "lab"'), ["unknown key `flet` (line 2)", "did you mean `fleet`"]),
+    (GOOD + 'url = "x"\n', ["`agent.url`", "it belongs in [broker]"]),
+    (GOOD.replace('device_id = "pi-001"\n', ""), ["missing key `device_id`"]),
+    (GOOD.replace("batch = 8", "batch = \"8\""), ["`agent.batch` (line 14) must be an integer"]),
+    (GOOD.replace("batch = 8", "batch = 0"), ["must be at least 1"]),
+    (GOOD.replace("[agent]", "[agent]\nafter = \"moev\""), ["it belongs in [inputs]"]),
+    (GOOD.replace("[inputs]", "[inputs]\nafter = \"moev\""), ["`inputs.after`", "did you mean 'move'"]),
+    (GOOD.replace("mqtts://broker", "mqtts://pi:pw@broker"), ["holds a password"]),
+    (GOOD.replace("mqtts://", "http://"), ["`broker.url`", "scheme"]),
+    (GOOD.replace('"pi-001"', '"pi/001"'), ["`device_id`"]),
+    (GOOD.replace('sources = ["inbox", "/srv/more"]', 'sources = ["camera", "/srv/more"]'), ["mixes a camera"]),
+])
+def test_mistakes_are_reported_with_key_line_and_hint(tmp_path, text, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, text))
+    assert e.value.exit_code == 78
+    for w in words:
+        assert w in e.value.message, e.value.message
+    assert e.value.fix
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    text = GOOD.replace("batch = 8", "bacth = 8").replace('fleet = "lab"', 'flet = "lab"')
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, text))
+    assert "bacth" in e.value.message and "flet" in e.value.message
+
+
+def test_unreadable_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(_write(tmp_path, "device_id = \n"))
+
+
+def test_credentials_come_from_systemd_first_then_the_folder(tmp_path):
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "password").write_text("folder-pw\n")
+    (creds / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    cfg = load_config(_write(tmp_path, GOOD))
+    c = resolve_credentials(cfg, env={})
+    assert (c.username, c.password, c.ca_path) == ("pi-001", "folder-pw", str(creds / "ca.crt"))
+
+    sd = tmp_path / "sd"
+    sd.mkdir()
+    (sd / CREDENTIAL_NAMES["password"]).write_text("systemd-pw")
+    (sd / CREDENTIAL_NAMES["ca"]).write_text("x")
+    c = resolve_credentials(cfg, env={"CREDENTIALS_DIRECTORY": str(sd)})
+    assert c.password == "systemd-pw" and c.ca_path == str(sd / CREDENTIAL_NAMES["ca"])
+    assert c.source == "systemd credentials"
+    assert "systemd-pw" not in repr(c)
+
+    (creds / "password").unlink()
+    with pytest.raises(ConfigError, match="password file .* does not exist"):
+        resolve_credentials(cfg, env={})
+    if os.geteuid() != 0:   # root reads anything
+        (creds / "password").write_text("x")
+        (creds / "password").chmod(0)
+        with pytest.raises(ConfigError, match="permission denied"):
+            resolve_credentials(cfg, env={})
+
+
+def test_anonymous_broker_needs_no_credentials(tmp_path):
+    cfg = parse_config({"device_id": "d", "bundle": "/b", "broker": {"url": "mqtt://h:1883"}})
+    c = resolve_credentials(cfg, env={})
+    assert c.username is None and c.password is None and c.ca_path is None
+
+
+def test_notifier_speaks_the_sd_notify_datagram_protocol(tmp_path):
+    path = str(tmp_path / "notify")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(path)
+    server.settimeout(2)
+    n = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "4000000", "WATCHDOG_PID": str(os.getpid())})
+    assert n.enabled and n.watchdog_seconds == 4.0
+    assert n.ready("up")
+    assert server.recv(100) == b"READY=1\nSTATUS=up"
+    n.watchdog()
+    assert server.recv(100) == b"WATCHDOG=1"
+    n.stopping()
+    assert server.recv(100) == b"STOPPING=1"
+    n.close()
+    server.close()
+    # another process's watchdog, or no socket at all: nothing is sent and nothing fails
+    assert Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1", "WATCHDOG_PID": "1"}).watchdog_seconds is None
+    assert not Notifier({}).ready()
+
+
+def test_abstract_socket_names(tmp_path):
+    name = f"edgesplit-test-{os.getpid()}"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind("\0" + name)
+    server.settimeout(2)
+    assert Notifier({"NOTIFY_SOCKET": "@" + name}).status("hello")
+    assert server.recv(100) == b"STATUS=hello"
+    server.close()
