@@ -57,7 +57,7 @@ def run_cuts(args) -> int:
     model = zoo.load_model(args.model)
     found = cuts.list_cuts(model)
     if args.json:
-        print(json.dumps({"model": model.name, "cuts": [c.to_dict() for c in found]}, indent=2))
+        print(json.dumps({"model": args.model, "cuts": [c.to_dict() for c in found]}, indent=2))
     else:
         print(cuts.format_table(found))
     return 0
@@ -89,7 +89,431 @@ def run_convert(args) -> int:
     return 0
 
 
-VERBS = [add_train, add_cuts, add_convert]
+def add_demo(sub):
+    p = sub.add_parser("demo", help="the whole path on this machine: train, convert, broker, cloud, device, 1,000 images")
+    p.add_argument("--model", default="paper-cnn", help="zoo name or .keras file (default paper-cnn)")
+    p.add_argument("--cut", default="pool2", help="cut layer (default pool2)")
+    p.add_argument("--quant", choices=["int8", "float16", "dynamic", "none"], default="int8")
+    p.add_argument("--n", type=int, default=1000, help="test images sent end to end (default 1000)")
+    p.add_argument("--broker", default=None, metavar="URL",
+                   help="use this broker (mqtt://host:port) instead of starting the embedded one")
+    p.add_argument("--workers", type=int, default=1, help="cloud worker processes (default 1)")
+    p.add_argument("--out", default="demo-out", help="where results go (default ./demo-out)")
+    p.set_defaults(func=run_demo)
+
+
+def run_demo(args) -> int:
+    _quiet_tensorflow()
+    from deploy import demo
+
+    result = demo.run_demo(model=args.model, cut=args.cut, quant=args.quant, n=args.n, broker=args.broker,
+                           out=args.out, workers=args.workers)
+    print(result.summary())
+    return 0
+
+
+def add_broker(sub):
+    p = sub.add_parser("broker", help="run an MQTT broker (embedded or Mosquitto), or write a production "
+                                      "Mosquitto configuration (`broker config`)",
+                       usage="%(prog)s [--host H] [--port P] [--mosquitto [--config DIR]] [--workdir DIR]\n"
+                             "       %(prog)s config --out DIR (--devices N | --device ID [ID ...]) [...]",
+                       description="Without an action: run a broker in the foreground until Ctrl+C — the embedded "
+                                   "one (zero setup, loopback, anonymous), or a real Mosquitto with --mosquitto, "
+                                   "optionally with a configuration written by `broker config` (--config DIR: its "
+                                   "TLS listener, passwords and ACL). `broker config` writes that configuration.")
+    # None = not given: a running broker defaults to 127.0.0.1:1883, --config decides for itself,
+    # and `broker config` refuses them (it has its own --port/--bind)
+    p.add_argument("--host", default=None,
+                   help="address to bind (default 127.0.0.1; 0.0.0.0 opens an anonymous broker to the network)")
+    p.add_argument("--port", type=int, default=None, help="MQTT port (default 1883; with --config: its listener's)")
+    p.add_argument("--mosquitto", action="store_true",
+                   help="run a real Mosquitto (apt-get install mosquitto) with a generated config")
+    p.add_argument("--config", default=None, metavar="PATH",
+                   help="with --mosquitto: a directory from `edgesplit broker config` (or a mosquitto.conf) "
+                        "to run as is; port, address and TLS come from it")
+    p.add_argument("--workdir", default=None, metavar="DIR",
+                   help="keep the generated config and the broker log here (default: a temporary directory)")
+    p.set_defaults(func=run_broker)
+    actions = p.add_subparsers(dest="broker_action", metavar="ACTION", required=False)
+    c = actions.add_parser("config", prog="edgesplit broker config",
+                           help="write a production Mosquitto configuration: TLS listener, hashed "
+                                "passwords, per-device ACL, credentials to flash (docs/broker.md)",
+                           description="Writes DIR/broker (mosquitto.conf, certificates, passwd, acl), DIR/ca, "
+                                       "DIR/devices/<id> and DIR/cloud/<user>. Re-running keeps the CA, the "
+                                       "certificate and every password; --rotate makes new ones.")
+    c.add_argument("--out", required=True, metavar="DIR", help="directory to write (re-run to add devices)")
+    who = c.add_mutually_exclusive_group(required=True)
+    who.add_argument("--devices", type=int, metavar="N", help="N devices named pi-001 ... pi-N")
+    who.add_argument("--device", nargs="+", dest="device_ids", metavar="ID", help="devices by id")
+    c.add_argument("--fleet", default="default", help="fleet id (default: default)")
+    c.add_argument("--cloud-user", action="extend", nargs="+", dest="cloud_users", metavar="USER",
+                   help="cloud worker user name(s) (default: cloud); repeatable")
+    c.add_argument("--hostname", action="extend", nargs="+", dest="hostnames", metavar="NAME",
+                   help="names/addresses devices dial, put in the server certificate (default: localhost); "
+                        "the first goes into the devices' broker URL")
+    c.add_argument("--port", type=int, default=8883, dest="config_port", metavar="PORT",
+                   help="TLS port (default 8883)")
+    c.add_argument("--bind", default=None, metavar="ADDR", help="listen on this address only (default: all)")
+    c.add_argument("--tls-cert", default=None, metavar="PEM", help="your own server certificate (with --tls-key)")
+    c.add_argument("--tls-key", default=None, metavar="PEM", help="its unencrypted private key")
+    c.add_argument("--ca", default=None, metavar="PEM",
+                   help="with --tls-cert: the CA clients should trust (default: their system trust store)")
+    c.add_argument("--broker-dir", default=None, metavar="DIR",
+                   help="where the broker files will live on the broker host (paths in mosquitto.conf)")
+    c.add_argument("--rotate", action="store_true", help="new CA, certificate and passwords for everyone")
+    c.set_defaults(func=run_broker_config)
+
+
+def run_broker(args) -> int:
+    from deploy import broker
+
+    result = broker.serve(args.host, args.port, mosquitto=args.mosquitto, config=args.config,
+                          workdir=args.workdir)
+    print(result.summary())
+    return 0
+
+
+def run_broker_config(args) -> int:
+    from deploy import broker
+    from protocol.errors import UsageError
+
+    given = [flag for flag, value in (("--host", args.host), ("--port", args.port), ("--mosquitto", args.mosquitto),
+                                      ("--config", args.config), ("--workdir", args.workdir)) if value]
+    if given:
+        raise UsageError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for running a broker; "
+                         "`edgesplit broker config` only writes a configuration",
+                         fix="write it with `edgesplit broker config --out DIR ... [--port 8883] [--bind ADDR]`, "
+                             "then run it with `edgesplit broker --mosquitto --config DIR`")
+    result = broker.configure(args.out, devices=args.devices, device_ids=args.device_ids, fleet=args.fleet,
+                              cloud_users=args.cloud_users, hostnames=args.hostnames, port=args.config_port,
+                              bind=args.bind, tls_cert=args.tls_cert, tls_key=args.tls_key, ca=args.ca,
+                              broker_dir=args.broker_dir, rotate=args.rotate)
+    print(result.summary())
+    return 0
+
+
+def add_device(sub):
+    p = sub.add_parser("device", help="the device role: run a bundle's head and send features to the cloud")
+    dsub = p.add_subparsers(dest="device_verb", metavar="ACTION")
+    dsub.required = True
+    r = dsub.add_parser("run", help="send images (files, folders, globs, 'camera[:N]') and print one JSON "
+                                    "line per result; a summary goes to stderr")
+    r.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="image file, folder, glob such as 'imgs/*.png', or camera / camera:N (picamera2); "
+                        "none with --outbox: only re-send what the outbox holds")
+    r.add_argument("--bundle", required=True, help="bundle directory or .tar.gz (from `edgesplit convert`)")
+    r.add_argument("--broker", default=None, metavar="URL",
+                   help="mqtt://[user:pass@]host:port or mqtts://host:8883?ca=ca.pem")
+    r.add_argument("--device-id", default=None, help="this device's id (letters, digits, '-', '_', '.')")
+    r.add_argument("--fleet", default=None, help="fleet id (default: default)")
+    r.add_argument("--credentials", default=None, metavar="DIR",
+                   help="device directory from `edgesplit broker config` (broker URL, user, password, CA, "
+                        "device id, fleet); other options override it")
+    r.add_argument("--username", default=None, help="broker user name (default: from the URL)")
+    r.add_argument("--password-file", default=None, metavar="FILE",
+                   help="read the broker password from FILE (keeps it out of `ps`)")
+    r.add_argument("--ca", default=None, metavar="FILE", help="CA certificate for mqtts:// brokers")
+    r.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                   help="seconds a request may wait for its answer before it is reported as a timeout "
+                        "(default 30; 0 waits for ever)")
+    r.add_argument("--max-in-flight", type=int, default=64, metavar="N",
+                   help="unanswered requests allowed at once (default 64)")
+    r.add_argument("--batch", type=int, default=32, metavar="N", help="inputs per head invocation (default 32)")
+    r.add_argument("--threads", type=int, default=None, metavar="N", help="interpreter threads (default: its own)")
+    r.add_argument("--interpreter", choices=["ai_edge_litert", "tflite_runtime", "tensorflow"], default=None,
+                   help="force one TFLite interpreter (default: the first installed, in this order)")
+    r.add_argument("--key", default=None, metavar="FILE", help="this device's MAC key file: sign every frame")
+    r.add_argument("--outbox", default=None, metavar="FILE",
+                   help="SQLite outbox: accepted inputs survive a restart and are re-sent")
+    r.add_argument("--client-id", default=None, help="MQTT client id (default edgesplit-<fleet>-<device>)")
+    r.add_argument("--camera-interval", type=float, default=0.0, metavar="S",
+                   help="seconds between camera frames (default: as fast as the camera goes)")
+    r.add_argument("--stats-json", default=None, metavar="FILE",
+                   help="also write the run's counters and latency percentiles as JSON to FILE")
+    r.set_defaults(func=run_device)
+
+
+def run_device(args) -> int:
+    # Only device/ and protocol/ are imported here: a Raspberry Pi has no TensorFlow.
+    from device import agent
+
+    def emit(result):
+        print(result.to_json(), flush=True)
+
+    summary = agent.run(args.bundle, args.broker, args.device_id, args.inputs, fleet=args.fleet,
+                        timeout=args.timeout or None, max_in_flight=args.max_in_flight, batch_size=args.batch,
+                        num_threads=args.threads, interpreter=args.interpreter, key_file=args.key,
+                        outbox=args.outbox, client_id=args.client_id, camera_interval=args.camera_interval,
+                        credentials=args.credentials, username=args.username, password_file=args.password_file,
+                        tls_ca=args.ca, on_result=emit)
+    print(summary.summary(), file=sys.stderr)
+    if args.stats_json:
+        with open(args.stats_json, "w") as fh:
+            json.dump(summary.to_dict(), fh, indent=2)
+    return summary.exit_code
+
+
+def add_flash(sub):
+    p = sub.add_parser("flash", help="prepare a Raspberry Pi OS image so its first boot installs the device package",
+                       description="Writes into the boot (FAT) partition of a Raspberry Pi OS .img what first "
+                                   "boot needs: cloud-init user-data/network-config or firstrun.sh (detected), "
+                                   "and the device package with a one-shot unit that installs it. "
+                                   "Then write the image to the SD card as usual.")
+    p.add_argument("image", help="Raspberry Pi OS .img (decompressed); a block device only with --i-know")
+    p.add_argument("--device-package", required=True, metavar="TAR_GZ",
+                   help="the device package (from `edgesplit bundle device`)")
+    p.add_argument("--wifi-ssid", default=None, metavar="SSID", help="Wi-Fi network to join")
+    p.add_argument("--wifi-psk-file", default=None, metavar="FILE",
+                   help="file holding the Wi-Fi passphrase (never given on the command line; it is hashed)")
+    p.add_argument("--wifi-country", default=None, metavar="CC",
+                   help="two-letter country code for the Wi-Fi regulatory domain, e.g. GB, US, DE")
+    p.add_argument("--hostname", default=None, help="host name of the device, e.g. pi-001")
+    p.add_argument("--ssh-key", default=None, metavar="PUBKEY",
+                   help="public key file (e.g. ~/.ssh/id_ed25519.pub): turns SSH on, key only")
+    p.add_argument("--user", default="pi", help="login user for --ssh-key (default pi)")
+    p.add_argument("--method", choices=["auto", "cloud-init", "firstrun"], default="auto",
+                   help="first-boot mechanism (default: detect from the image)")
+    p.add_argument("--i-know", action="store_true",
+                   help="allow writing to a block device (an SD card), not just an image file")
+    p.set_defaults(func=run_flash)
+
+
+def run_flash(args) -> int:
+    from deploy import flash
+
+    result = flash.flash(args.image, args.device_package, wifi_ssid=args.wifi_ssid,
+                         wifi_psk_file=args.wifi_psk_file, wifi_country=args.wifi_country,
+                         hostname=args.hostname, ssh_key=args.ssh_key, username=args.user,
+                         method=args.method, i_know=args.i_know)
+    print(result.summary())
+    return 0
+
+
+def add_cloud(sub):
+    p = sub.add_parser("cloud", help="run cloud workers: receive feature frames, run the tail, answer")
+    p.add_argument("--bundle", required=True, nargs="+", metavar="B",
+                   help="bundle directories or .tar.gz files to serve (frames name their bundle by id)")
+    p.add_argument("--broker", required=True, metavar="URL", help="mqtt://host:port or mqtts://user:pass@host:8883")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on one shared subscription (default 1)")
+    p.add_argument("--group", default="edgesplit", help="shared-subscription group (default edgesplit)")
+    p.add_argument("--fleet", default="+", help="serve only this fleet (default: every fleet)")
+    p.add_argument("--max-batch", type=int, default=32, help="most frames per tail run (default 32)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long the first frame of a batch waits for others (default 5 ms; 0: never)")
+    p.add_argument("--threads", type=int, default=None, help="interpreter threads per worker (default: LiteRT's)")
+    p.add_argument("--stats-every", type=float, default=30.0, metavar="S",
+                   help="log a stats line every S seconds (default 30; 0: only at exit)")
+    p.add_argument("--keys", default=None, nargs="+", metavar="PATH",
+                   help="directory of <device-id>.key files (or such files): require a valid MAC on every "
+                        "frame, refuse unknown devices and replays")
+    p.add_argument("--replay-window", type=float, default=120.0, metavar="S",
+                   help="with --keys: refuse frames sent more than S seconds from now, and repeats (default 120)")
+    p.add_argument("--json", action="store_true", help="print the counters at exit as JSON instead of a summary")
+    p.set_defaults(func=run_cloud)
+
+
+def run_cloud(args) -> int:
+    from cloud import worker
+
+    result = worker.serve(args.bundle, args.broker, workers=args.workers, group=args.group, fleet=args.fleet,
+                          max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, stats_every=args.stats_every,
+                          num_threads=args.threads, keys=args.keys, replay_window_s=args.replay_window)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
+    return 0
+
+
+def add_audit(sub):
+    p = sub.add_parser("audit", help="measure, cut by cut, how much of the input the sent features leak; "
+                                     "write report.html/.json/.md")
+    p.add_argument("target", metavar="MODEL|BUNDLE",
+                   help="zoo name (e.g. paper-cnn), a .keras file, or a bundle directory / .tar.gz")
+    p.add_argument("--cuts", nargs="+", default=None, metavar="LAYER",
+                   help="layers to audit (default: every valid cut; see `edgesplit cuts MODEL`)")
+    p.add_argument("--n", type=int, default=None, help="test images for the information measures (default 1000)")
+    p.add_argument("--preset", choices=["paper"], default=None,
+                   help="paper: Tuor et al.'s setting (10,000 test images, sigma^2 = 0.1, all six layers)")
+    p.add_argument("--seed", type=int, default=None, help="makes a run repeatable (default 0)")
+    p.add_argument("--max-bytes", type=int, default=None, help="budget: bytes sent per input (int8)")
+    p.add_argument("--max-head-ms", type=float, default=None, help="budget: head latency in ms on this machine")
+    p.add_argument("--min-accuracy", type=float, default=None, help="budget: head+tail accuracy, e.g. 0.98")
+    p.add_argument("--iters", type=int, default=None, help="white-box inversion iterations (default 300)")
+    p.add_argument("--attack-n", type=int, default=None, help="test images attacked by white-box inversion")
+    p.add_argument("--decoder-epochs", type=int, default=None, help="epochs of the learned decoder (default 5)")
+    p.add_argument("--sigma2", type=float, default=None, help="KDE noise variance (default 0.1)")
+    p.add_argument("--out", required=True, help="directory for report.html, report.json, report.md")
+    p.set_defaults(func=run_audit)
+
+
+def run_audit(args) -> int:
+    _quiet_tensorflow()
+    from auditor.audit import audit
+
+    result = audit(args.target, cuts=args.cuts, n=args.n, preset=args.preset, seed=args.seed, out=args.out,
+                   progress=True, max_bytes=args.max_bytes, max_head_ms=args.max_head_ms,
+                   min_accuracy=args.min_accuracy, iters=args.iters, attack_n=args.attack_n,
+                   decoder_epochs=args.decoder_epochs, sigma2=args.sigma2)
+    print(result.summary())
+    return 0
+
+
+def add_bundle(sub):
+    p = sub.add_parser("bundle", help="package a bundle for a target: `edgesplit bundle device` makes a Raspberry "
+                                      "Pi device package")
+    bsub = p.add_subparsers(dest="bundle_verb", metavar="TARGET")
+    bsub.required = True
+    d = bsub.add_parser("device", help="a self-contained device package (.tar.gz): bundle, config, credentials, "
+                                       "the edgesplit wheel, install.sh and a systemd unit",
+                        description="Makes a tarball that installs the edgesplit device service on 64-bit "
+                                    "Raspberry Pi OS (Bookworm or newer): unpack it on the Pi and run "
+                                    "`sudo ./install.sh`, or hand it to `edgesplit flash`.")
+    d.add_argument("--bundle", required=True, help="bundle directory or .tar.gz (from `edgesplit convert`)")
+    d.add_argument("--out", required=True, metavar="TAR_GZ", help="the package to write, e.g. pi-001.tar.gz")
+    d.add_argument("--config", default=None, metavar="FILE",
+                   help="a device config (TOML or JSON) to start from; flags below override its values")
+    d.add_argument("--broker", default=None, metavar="URL",
+                   help="broker URL, e.g. mqtts://broker.example.org:8883 (default: from --credentials)")
+    d.add_argument("--device-id", default=None, help="device id (default: from --credentials)")
+    d.add_argument("--fleet", default=None, help="fleet id (default: from --credentials, else 'default')")
+    d.add_argument("--credentials", default=None, metavar="DIR",
+                   help="the device's directory from `edgesplit broker config` (devices/<id>/: broker.json, "
+                        "password, ca.crt), or that command's --out directory together with --device-id")
+    d.add_argument("--key", default=None, metavar="FILE", help="the device's frame MAC key (signed frames)")
+    d.add_argument("--inputs", nargs="+", default=None, metavar="INPUT",
+                   help="what the device reads: folders (watched for new images), globs, 'camera' "
+                        "(default: the folder /var/lib/edgesplit/inbox)")
+    d.add_argument("--offline-wheels", action="store_true",
+                   help="ship every dependency as a wheel for the target, so install.sh needs no network")
+    d.add_argument("--wheel-platform", default="aarch64", metavar="PLATFORM",
+                   help="with --offline-wheels: aarch64 (64-bit Raspberry Pi OS, default), x86_64, native "
+                        "(this machine), or a pip platform tag")
+    d.add_argument("--python-version", default="3.11", metavar="X.Y",
+                   help="with --offline-wheels: the target's Python (3.11 Bookworm, default; 3.13 Trixie)")
+    d.add_argument("--interpreter", choices=["auto", "ai-edge-litert", "tflite-runtime"], default="auto",
+                   help="TFLite interpreter to install (auto: ai-edge-litert, tflite-runtime if it cannot be had)")
+    d.add_argument("--constraint", action="append", default=[], metavar="SPEC",
+                   help="extra pip constraint for the device, e.g. 'numpy<2' (repeatable)")
+    d.set_defaults(func=run_bundle)
+
+
+def run_bundle(args) -> int:
+    from deploy import device_package
+
+    result = device_package.build_device_package(
+        args.bundle, args.out, config=args.config, broker=args.broker, device_id=args.device_id,
+        fleet=args.fleet, credentials=args.credentials, key=args.key, inputs=args.inputs,
+        offline_wheels=args.offline_wheels, wheel_platform=args.wheel_platform,
+        python_version=args.python_version, interpreter=args.interpreter, constraints=args.constraint)
+    print(result.summary())
+    return 0
+
+
+def add_doctor(sub):
+    p = sub.add_parser("doctor", help="check this machine can run the device: Python, interpreter, packages, "
+                                      "camera, bundle, credentials, broker",
+                       description="Prints ok / FAIL / skip for each check and the command that fixes what "
+                                   "failed; exits 0 when nothing failed. On a device with no arguments it "
+                                   "checks the installed /etc/edgesplit/device.toml.")
+    p.add_argument("--bundle", default=None, help="bundle directory or .tar.gz to verify and load")
+    p.add_argument("--broker", default=None, metavar="URL", help="broker to connect to (mqtt://, mqtts://)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="device config: its bundle, broker and credentials are checked")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="S", help="broker connect timeout (default 5 s)")
+    p.add_argument("--skip", action="append", default=[], metavar="CHECK",
+                   help="do not run this check (repeatable), e.g. --skip broker while offline")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the report")
+    p.set_defaults(func=run_doctor)
+
+
+def run_doctor(args) -> int:
+    # Only device/ and protocol/ are imported: the doctor runs on the Pi.
+    from device import doctor
+
+    report = doctor.run_doctor(args.bundle, args.broker, args.config, timeout=args.timeout, skip=args.skip)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
+    return report.exit_code
+
+
+def add_profile(sub):
+    p = sub.add_parser("profile", help="time a bundle's head (and tail) on THIS machine with the real interpreter "
+                                       "and write a profile for `edgesplit plan` (run it on the device)",
+                       description="Runs on the device (no TensorFlow needed): times one input at a time through "
+                                   "each bundle's head and tail, records the bytes of the frames it would send, "
+                                   "and writes a JSON profile for `edgesplit plan --device-profile FILE` (on the "
+                                   "cloud machine: --cloud-profile).")
+    p.add_argument("--bundle", required=True, nargs="+", action="extend", metavar="B",
+                   help="bundle directories or .tar.gz (one per cut to profile; repeatable)")
+    p.add_argument("--out", default="edgesplit-profile.json", metavar="FILE",
+                   help="profile file to write (default ./edgesplit-profile.json)")
+    p.add_argument("--runs", type=int, default=200, metavar="N", help="timed runs per model (default 200)")
+    p.add_argument("--warmup", type=int, default=10, metavar="N", help="untimed runs first (default 10)")
+    p.add_argument("--threads", type=int, default=1, metavar="N", help="interpreter threads (default 1)")
+    p.add_argument("--part", choices=["head", "tail", "both"], default="both",
+                   help="what to time: head (device), tail (cloud) or both (default; head + tail is also the "
+                        "whole model on this machine)")
+    p.add_argument("--inputs", nargs="+", default=None, metavar="IMAGE",
+                   help="real images (files, folders, globs) to time and to measure the frame bytes as sent "
+                        "(compressed when it pays); default: a random input, uncompressed frame size")
+    p.add_argument("--interpreter", choices=["ai_edge_litert", "tflite_runtime", "tensorflow"], default=None,
+                   help="force one TFLite interpreter (default: the first installed)")
+    p.add_argument("--json", action="store_true", help="print the profile as JSON instead of a table")
+    p.set_defaults(func=run_profile)
+
+
+def run_profile(args) -> int:
+    # Only device/ and protocol/ are imported: this runs on the Pi.
+    from device import profile
+
+    result = profile.run(args.bundle, out=args.out, runs=args.runs, warmup=args.warmup, threads=args.threads,
+                         part=args.part, inputs=args.inputs, interpreter=args.interpreter)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
+    return 0
+
+
+def add_plan(sub):
+    p = sub.add_parser("plan", help="rank every cut, all-on-device and raw-to-cloud by predicted end-to-end "
+                                    "latency on your link, with leakage beside, and pick one",
+                       description="Predicted latency = head on the device + transfer (frame bytes with MQTT and "
+                                   "TCP/IP overhead at the uplink rate) + RTT + tail in the cloud (+ batch wait) + "
+                                   "result back. Give an audit report.json to see leakage and use --max-leakage.")
+    p.add_argument("source", metavar="MODEL|AUDIT_REPORT",
+                   help="report.json from `edgesplit audit` (or its directory), a zoo name or a .keras file")
+    p.add_argument("--uplink", required=True, metavar="RATE", help="device -> broker rate, e.g. 1mbit, 20Mbit, 500kbit")
+    p.add_argument("--rtt", required=True, metavar="TIME", help="round-trip time device <-> broker, e.g. 40ms, 0.04s")
+    p.add_argument("--downlink", default=None, metavar="RATE", help="broker -> device rate (default: the uplink's)")
+    p.add_argument("--device-profile", default=None, metavar="FILE",
+                   help="from `edgesplit profile` on the device (default: the report's timings)")
+    p.add_argument("--cloud-profile", default=None, metavar="FILE",
+                   help="from `edgesplit profile --part tail` on the cloud machine")
+    p.add_argument("--max-leakage", type=float, default=None, metavar="DB",
+                   help="most leakage allowed: PSNR in dB of the strongest reconstruction attack (needs a report)")
+    p.add_argument("--max-latency-ms", type=float, default=None, metavar="MS", help="most predicted latency allowed")
+    p.add_argument("--objective", choices=["latency", "leakage"], default="latency",
+                   help="within the limits pick the fastest (default) or the least leaking option")
+    p.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="OPTION",
+                   help="options not to pick, e.g. device (the model does not fit) or raw")
+    p.add_argument("--burst", default="0", metavar="BYTES",
+                   help="bytes a token-bucket shaper sends at line rate when idle (e.g. tc tbf burst; default 0)")
+    p.add_argument("--hop-ms", type=float, default=None, metavar="MS",
+                   help="MQTT client + broker work per hop (4 hops per request; default 0.5)")
+    p.add_argument("--cloud-wait-ms", type=float, default=None, metavar="MS",
+                   help="the cloud worker's micro-batch wait (its --max-wait-ms; default 5)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=run_plan)
+
+
+def run_plan(args) -> int:
+    from converter import planner
+
+    extra = {k: v for k, v in (("hop_ms", args.hop_ms), ("cloud_wait_ms", args.cloud_wait_ms)) if v is not None}
+    result = planner.plan(args.source, uplink=args.uplink, rtt=args.rtt, downlink=args.downlink,
+                          device_profile=args.device_profile, cloud_profile=args.cloud_profile,
+                          max_leakage_db=args.max_leakage, max_latency_ms=args.max_latency_ms, burst=args.burst,
+                          objective=args.objective, exclude=args.exclude, **extra)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
+    return 0
+
+
+VERBS = [add_train, add_cuts, add_convert, add_demo, add_broker, add_device, add_flash, add_cloud, add_audit, add_bundle, add_doctor, add_profile, add_plan]
 
 
 def build_parser() -> argparse.ArgumentParser:
