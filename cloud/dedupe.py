@@ -4,9 +4,9 @@ A device re-sends a request it has no answer for — after a reconnect, after
 ``resend_after`` seconds, or from its outbox after a restart — as a *new* frame
 (new sequence number and send time, same request id).  The worker must not run
 the tail twice for it, and the device must still get its answer.  The window
-remembers every request it has seen, bounded in size and age (an LRU
-``OrderedDict``), and for a request whose answer went out it keeps the answer's
-topic and payload (a result frame is ~100 bytes).
+remembers every request it has seen, bounded in size and age (an
+``OrderedDict``, oldest first out), and for a request whose answer went out it
+keeps the answer's topic and payload (a result frame is ~100 bytes).
 
 The rule for a duplicate (see :meth:`DedupeWindow.check`):
 
@@ -20,9 +20,11 @@ The rule for a duplicate (see :meth:`DedupeWindow.check`):
   answer left after the device's re-send, so the device gets it (or, if it is
   lost too, re-sends again and lands in the case above).
 
-Every request therefore gets an answer; a device sees the same answer at most
-a few times and ignores all but the first (``device.agent`` keeps answered
-ids), so every request is answered exactly once *at the device*.  The window
+An error result (the tail failed) is an answer like any other: a re-send gets
+it again rather than a second run.  Every request therefore gets an answer; a
+device sees the same answer at most a few times and ignores all but the first
+(``device.agent`` keeps answered ids), so every request is answered exactly
+once *at the device*.  The window
 is per worker process: a re-send that the broker hands to another worker of
 the shared subscription is run again there (the device still ignores the
 second answer).  A request forgotten by the window (older than ``max_age_s``
@@ -42,7 +44,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DedupeWindow", "Verdict", "DedupeStats"]
 
-DEFAULT_MAX_ENTRIES = 100_000    # ~25 MB at worst (a key, a topic and a ~100-byte result each)
+DEFAULT_MAX_ENTRIES = 100_000    # ~30 MB at worst (a key, an entry and a ~100-byte result each)
 DEFAULT_MAX_AGE_S = 600.0        # well beyond a device's re-send interval and timeout
 
 

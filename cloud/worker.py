@@ -168,6 +168,7 @@ class Worker:
         self.dedupe = dedupe if dedupe is not None else DedupeWindow()
         self.filter = topics.shared_features(group, fleet)
         self.stats = WorkerStats()
+        self._topics: dict[str, tuple[topics.Topic, str]] = {}   # features topic -> (parsed, results topic)
         self._started_at: float | None = None
         self._stats_every = stats_every
         self._stop_stats = threading.Event()
@@ -219,7 +220,7 @@ class Worker:
         served_by: dict[str, Served] = {}
         for item in batch:
             try:
-                where = topics.parse(item.topic)
+                where, reply = self._parse_topic(item.topic)
             except TopicError as exc:
                 self._dead_letter(item, None, "bad-topic", exc.message)
                 continue
@@ -249,41 +250,56 @@ class Worker:
                 log.debug("request %d of %s re-sent: %s", frame.request_id, frame.device_id, verdict.value)
                 continue
             served_by[served.bundle_id] = served
-            groups[served.bundle_id].append((item, where, frame, tensor))
+            groups[served.bundle_id].append((item, reply, frame, tensor))
         for bundle_id, rows in groups.items():
             self._answer(served_by[bundle_id], rows)
         self._touch()
+
+    def _parse_topic(self, name: str) -> tuple[topics.Topic, str]:
+        """The parsed features topic and the results topic that answers it."""
+        # devices publish on a few topics again and again: parse (and validate) each once
+        hit = self._topics.get(name)
+        if hit is None:
+            where = topics.parse(name)
+            if len(self._topics) >= 100_000:
+                self._topics.clear()
+            hit = self._topics[name] = (where, topics.results(where.fleet, where.device))
+        return hit
 
     def _answer(self, served: Served, rows: list) -> None:
         try:
             outputs = served.run([r[3] for r in rows])
         except Exception as exc:
             log.exception("tail of bundle %s failed on a batch of %d", served.bundle_id, len(rows))
-            for item, where, frame, _ in rows:
-                self._publish_result(where, Frame.error_result(frame, f"the tail failed: {exc}",
+            for item, reply, frame, _ in rows:
+                self._publish_result(reply, Frame.error_result(frame, f"the tail failed: {exc}",
                                                                t_recv_us=item.t_recv_us))
                 self.stats.errors += 1
             return
         self.stats.batches += 1
         self.stats.batched_frames += len(rows)
-        for (item, where, frame, _), y in zip(rows, outputs):
+        outputs = np.asarray(outputs, dtype=np.float32)
+        labels = [None] * len(rows)
+        if outputs.ndim >= 2 and outputs.shape[-1] > 0:
+            # one argmax for the batch (Frame.result's default: the top class of the first row)
+            labels = outputs.reshape(len(rows), -1, outputs.shape[-1])[:, 0].argmax(axis=-1).tolist()
+        for (item, reply, frame, _), y, label in zip(rows, outputs, labels):
             try:
-                result = Frame.result(frame, np.asarray(y, dtype=np.float32), t_recv_us=item.t_recv_us)
+                result = Frame.result(frame, y, t_recv_us=item.t_recv_us, label=label)
             except FrameError as exc:
                 result = Frame.error_result(frame, f"could not encode the result: {exc.message}",
                                             t_recv_us=item.t_recv_us)
                 self.stats.errors += 1
             else:
                 self.stats.answered += 1
-            self._publish_result(where, result)
+            self._publish_result(reply, result)
 
-    def _publish_result(self, where: topics.Topic, result: Frame) -> None:
+    def _publish_result(self, topic: str, result: Frame) -> None:
         try:
             payload = encode_frame(result, key=self.keys)
         except EdgesplitError:
             payload = encode_frame(result)
         d = topics.delivery(topics.RESULTS)
-        topic = topics.results(where.fleet, where.device)
         self.client.publish(topic, payload, qos=d.qos, retain=d.retain)
         # kept so that a re-send arriving after this moment gets the same answer again
         self.dedupe.answered(result.device_id, result.request_id, topic, payload)
@@ -335,6 +351,11 @@ class CloudRun:
         if len(self.per_worker) > 1:
             lines += [f"  worker {i}: {s.line()}" for i, s in enumerate(self.per_worker)]
         return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"broker": self.broker, "group": self.group, "bundles": list(self.bundles), "workers": self.workers,
+                "restarted": self.restarted, "total": self.stats.to_dict(),
+                "per_worker": [s.to_dict() for s in self.per_worker]}
 
 
 def _wait_for_signal(stop: threading.Event) -> dict:

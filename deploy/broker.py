@@ -1,6 +1,7 @@
 """Run an MQTT broker: the embedded one (rumqttd through ``iotcore``) or a real Mosquitto.
 
-``edgesplit broker`` calls :func:`serve`; the demo and the tests call
+``edgesplit broker`` calls :func:`serve`, ``edgesplit broker config`` calls :func:`configure`
+(a production configuration, see :mod:`deploy.broker_config`); the demo and the tests call
 :func:`start_embedded` / :func:`start_mosquitto`, which return a
 :class:`RunningBroker` (``.url``, ``.stop()``, ``.kill()``, ``.restart()``).
 
@@ -16,7 +17,6 @@ import dataclasses
 import ipaddress
 import logging
 import os
-import re
 import shutil
 import signal
 import socket
@@ -106,13 +106,14 @@ class RunningBroker:
     log_path: Path
     workdir: Path
     env: dict | None = None
+    tls: bool = False              # the listener speaks TLS (a production config): clients dial mqtts://
     process: subprocess.Popen | None = None
     _tmp: tempfile.TemporaryDirectory | None = dataclasses.field(default=None, repr=False)
     _log_file: object = dataclasses.field(default=None, repr=False)
 
     @property
     def url(self) -> str:
-        return f"mqtt://{_url_host(self.host)}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{_url_host(self.host)}:{self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -283,12 +284,34 @@ def mosquitto_config(host: str, port: int, *, log_path: Path, persistence_dir: P
     return "\n".join([*lines, *extra_lines]) + "\n"
 
 
-def start_mosquitto(host: str = "127.0.0.1", port: int | None = None, *, extra_lines=(),
+def _config_listener(config, host: str | None, port: int | None) -> tuple[Path, tuple[int, str, bool]]:
+    """The conf file in ``config`` and (port, address to reach it on, TLS?) of its first listener;
+    a ``host``/``port`` the caller asked for must agree with it."""
+    from deploy.broker_config import conf_listener, find_conf
+
+    conf = find_conf(config)
+    c_port, c_bind, tls = conf_listener(conf)
+    if port is not None and port != c_port:
+        raise UsageError(f"--port {port} does not match {conf}, which listens on port {c_port}",
+                         fix=f"drop --port (the configuration decides), or write the configuration again with "
+                             f"`edgesplit broker config --port {port}`")
+    anywhere = c_bind is None or c_bind in ("0.0.0.0", "::")
+    if host is not None and not anywhere and host != c_bind and not (is_loopback(host) and is_loopback(c_bind)):
+        raise UsageError(f"--host {host} does not match {conf}, which listens on {c_bind}",
+                         fix="drop --host (the configuration decides), or write the configuration again with "
+                             f"`edgesplit broker config --bind {host}`")
+    # a listener on every interface is reached on loopback from here
+    return conf, (c_port, "127.0.0.1" if anywhere else c_bind, tls)
+
+
+def start_mosquitto(host: str | None = None, port: int | None = None, *, extra_lines=(),
                     persistence: bool = False, anonymous: bool = True, config_path: str | os.PathLike | None = None,
                     workdir: str | os.PathLike | None = None, timeout: float = 15.0) -> RunningBroker:
     """Start ``mosquitto -c <generated conf>`` (or the given config) and wait until it accepts connections.
 
-    With ``config_path``, that file is used as is and ``port`` must be the port it listens on.
+    With ``config_path`` (a mosquitto.conf, or a directory written by ``edgesplit broker config``)
+    that configuration is used as is; its first listener gives the port, the address and whether
+    it speaks TLS (``host``/``port`` must then agree with it or be left out).
     """
     binary = mosquitto_binary()
     if binary is None:
@@ -297,11 +320,11 @@ def start_mosquitto(host: str = "127.0.0.1", port: int | None = None, *, extra_l
                               "broker: edgesplit broker")
     wd, tmp = _workdir(workdir, "edgesplit-mosquitto-")
     log_path = wd / "mosquitto.log"
+    tls = False
     if config_path is not None:
-        if port is None:
-            raise UsageError("start_mosquitto(config_path=...) needs the port that config listens on")
-        conf = Path(config_path)
+        conf, (port, host, tls) = _config_listener(config_path, host, port)
     else:
+        host = host or "127.0.0.1"
         port = free_port(host if is_loopback(host) else "127.0.0.1") if port is None else port
         conf = wd / "mosquitto.conf"
         pdir = wd / "persistence" if persistence else None
@@ -310,7 +333,7 @@ def start_mosquitto(host: str = "127.0.0.1", port: int | None = None, *, extra_l
         conf.write_text(mosquitto_config(host, port, log_path=log_path, persistence_dir=pdir,
                                          extra_lines=tuple(extra_lines), anonymous=anonymous))
     _check_port_free(host, port)
-    b = RunningBroker("mosquitto", host, port, [binary, "-c", str(conf)], conf, log_path, wd, _tmp=tmp)
+    b = RunningBroker("mosquitto", host, port, [binary, "-c", str(conf)], conf, log_path, wd, tls=tls, _tmp=tmp)
     try:
         return b.start(timeout)
     except BaseException:
@@ -332,18 +355,26 @@ class BrokerRun:
         return f"{self.kind} broker on {self.url} {how} after {self.seconds:.0f} s"
 
 
-def serve(host: str = "127.0.0.1", port: int = 1883, *, mosquitto: bool = False,
+def serve(host: str | None = None, port: int | None = None, *, mosquitto: bool = False,
           config: str | os.PathLike | None = None, workdir: str | os.PathLike | None = None,
           ready=None) -> BrokerRun:
-    """Run a broker in the foreground until SIGINT/SIGTERM (the ``edgesplit broker`` verb)."""
-    if not is_loopback(host):
-        log.warning("WARNING: the broker listens on %s, reachable from the network, and accepts anonymous "
-                    "clients: anyone who can reach it can read every feature tensor and forge results. "
-                    "Use it only on a trusted network; in production run Mosquitto with TLS, passwords and "
-                    "an ACL (`edgesplit broker --mosquitto --config mosquitto.conf`).",
-                    host)
+    """Run a broker in the foreground until SIGINT/SIGTERM (the ``edgesplit broker`` verb).
+
+    Default: the embedded broker on 127.0.0.1:1883.  ``mosquitto``: a real Mosquitto with a
+    generated (anonymous, loopback) config, or with ``config`` — a mosquitto.conf or a
+    directory written by ``edgesplit broker config`` — whose listener gives port, address and TLS.
+    """
     if config is not None and not mosquitto:
         raise UsageError("--config is a Mosquitto configuration", fix="add --mosquitto")
+    if config is None:
+        host = host or "127.0.0.1"
+        port = 1883 if port is None else port
+        if not is_loopback(host):
+            log.warning("WARNING: the broker listens on %s, reachable from the network, and accepts anonymous "
+                        "clients: anyone who can reach it can read every feature tensor and forge results. "
+                        "Use it only on a trusted network; in production run Mosquitto with TLS, passwords and "
+                        "an ACL (`edgesplit broker config --out DIR ...`, then "
+                        "`edgesplit broker --mosquitto --config DIR`).", host)
     stop = threading.Event()
     started = time.monotonic()
 
@@ -354,19 +385,7 @@ def serve(host: str = "127.0.0.1", port: int = 1883, *, mosquitto: bool = False,
     old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         if mosquitto:
-            conf = None
-            if config is not None:
-                conf = Path(config)
-                if conf.is_dir():
-                    conf = conf / "mosquitto.conf"
-                if not conf.is_file():
-                    raise UsageError(f"no Mosquitto configuration at {conf}",
-                                     fix="write one with `edgesplit broker config --out DIR`")
-                # wait on the port that configuration listens on (its first listener)
-                listeners = re.findall(r"^\s*listener\s+(\d+)(?:\s+(\S+))?", conf.read_text(), re.M)
-                if listeners:
-                    port, host = int(listeners[0][0]), listeners[0][1] or "127.0.0.1"
-            broker = start_mosquitto(host, port, config_path=conf, workdir=workdir)
+            broker = start_mosquitto(host, port, config_path=config, workdir=workdir)
         else:
             broker = start_embedded(host, port, workdir=workdir)
     except BaseException:
@@ -375,6 +394,8 @@ def serve(host: str = "127.0.0.1", port: int = 1883, *, mosquitto: bool = False,
         raise
     try:
         what = "Mosquitto" if mosquitto else "embedded broker (rumqttd via iotcore)"
+        if config is not None:
+            what += f" ({broker.config_path}{', TLS' if broker.tls else ''})"
         log.info("%s listening on %s — log %s; Ctrl+C to stop", what, broker.url, broker.log_path)
         if ready is not None:
             ready(broker)
@@ -389,3 +410,23 @@ def serve(host: str = "127.0.0.1", port: int = 1883, *, mosquitto: bool = False,
         broker.cleanup()
     return BrokerRun(broker.kind, broker.url, time.monotonic() - started,
                      None if stop.is_set() else code)
+
+
+def configure(out, *, devices: int | None = None, device_ids=None, fleet: str = "default",
+              cloud_users=None, hostnames=None, port: int = 8883, bind: str | None = None,
+              tls_cert=None, tls_key=None, ca=None, broker_dir=None, rotate: bool = False):
+    """``edgesplit broker config``: a production Mosquitto configuration for ``devices`` (a count:
+    pi-001 …) or ``device_ids``; returns :class:`deploy.broker_config.BrokerConfig` (``summary()``)."""
+    from deploy import broker_config
+
+    if (devices is None) == (not device_ids):
+        raise UsageError("say which devices the broker serves, one way",
+                         fix="give --devices N (pi-001 … pi-N) or --device ID [ID ...], not both")
+    if bool(tls_cert) != bool(tls_key):
+        raise UsageError("your own server certificate needs both --tls-cert and --tls-key",
+                         fix="give both PEM files, or neither to have edgesplit make a CA and certificate")
+    ids = broker_config.device_ids(devices) if devices is not None else list(device_ids)
+    return broker_config.write_broker_config(
+        out, ids, fleet=fleet, cloud_users=tuple(cloud_users or ("cloud",)), tls_cert=tls_cert, tls_key=tls_key,
+        ca=ca, hostnames=tuple(hostnames or ("localhost",)), port=port, bind=bind, broker_dir=broker_dir,
+        rotate=rotate)

@@ -5,10 +5,11 @@
   a factory for brokers with extra config lines (password files, ACLs, TLS listeners).
 * ``embedded_broker`` — the embedded broker the ``edgesplit broker`` verb runs.
 * ``broker`` — parametrized over both.
-* ``tiny_bundle`` (a small real bundle), ``start_worker`` (an in-process ``cloud.Worker``) and
+* ``tiny_bundle`` (a small real bundle), ``start_worker`` (an in-process ``cloud.Worker``),
+  ``cloud_command`` (``edgesplit cloud`` in its own process) and
   ``collect`` (a client keeping what arrives on some topic filters) for the cloud tests.
 
-Each yields a ``deploy.broker.RunningBroker``: ``.url``, ``.host``, ``.port``, ``.log_path``,
+The broker fixtures yield a ``deploy.broker.RunningBroker``: ``.url``, ``.host``, ``.port``, ``.log_path``,
 ``.stop()``, ``.kill()`` (SIGKILL), ``.restart()`` (same port and config).  The system broker
 on 1883 is never touched.
 """
@@ -160,3 +161,93 @@ def collect():
     yield make
     for c in made:
         c.stop()
+
+
+class CloudCommand:
+    """``edgesplit cloud ... --json`` as a user runs it; stderr is read as it comes (to know when the
+    workers are ready); ``stop()`` sends SIGTERM and returns the counters it printed."""
+
+    def __init__(self, url, bundle_root, *extra):
+        import subprocess
+        import sys
+        import threading
+        from pathlib import Path
+
+        root = Path(__file__).resolve().parents[1]
+        self.proc = subprocess.Popen([sys.executable, "-m", "edgesplit", "cloud", "--bundle", str(bundle_root),
+                                      "--broker", url, "--stats-every", "0", "--json", *map(str, extra)],
+                                     cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.err: list[str] = []
+        self._reader = threading.Thread(target=lambda: self.err.extend(self.proc.stderr), daemon=True)
+        self._reader.start()
+
+    def wait_ready(self, n_workers=1, timeout=120):
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if sum("ready on" in line for line in self.err) >= n_workers:
+                return
+            assert self.proc.poll() is None, "".join(self.err)
+            time.sleep(0.05)
+        raise AssertionError("workers not ready:\n" + "".join(self.err))
+
+    def worker_pids(self) -> list[int]:
+        """Worker processes of ``--workers N`` (Linux: read from /proc; not multiprocessing's helpers)."""
+        from pathlib import Path
+
+        out = []
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            for pid in (task / "children").read_text().split():
+                try:
+                    if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        out.append(int(pid))
+                except OSError:
+                    pass
+        return sorted(out)
+
+    def stop(self, timeout=120) -> dict:
+        """SIGTERM (the workers drain), exit code 0, and the JSON it printed (``["total"]`` …)."""
+        import json
+        import signal
+
+        self.proc.send_signal(signal.SIGTERM)
+        out = self.proc.stdout.read()
+        self.proc.wait(timeout)
+        self._reader.join(10)
+        assert self.proc.returncode == 0, "".join(self.err)
+        return json.loads(out)
+
+    def kill(self):
+        """SIGKILL it and its workers (they would outlive a killed parent)."""
+        import os
+        import signal
+
+        if self.proc.poll() is None:
+            try:
+                orphans = self.worker_pids()
+            except OSError:
+                orphans = []
+            self.proc.kill()
+            self.proc.wait()
+            for pid in orphans:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+@pytest.fixture
+def cloud_command():
+    """Factory: ``cloud_command(url, bundle_root, *extra_args)`` -> a running :class:`CloudCommand`,
+    killed at teardown if the test did not stop it."""
+    made = []
+
+    def make(url, bundle_root, *extra):
+        c = CloudCommand(url, bundle_root, *extra)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.kill()

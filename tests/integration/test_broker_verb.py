@@ -133,3 +133,87 @@ def test_mosquitto_with_a_given_config(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---------------------------------------------------------------- `broker config` and running it
+
+def _cli(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "edgesplit", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def open_dir():
+    """A directory Mosquitto can still read after it drops root to its own user (tmp_path is 0700)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    d = Path(tempfile.mkdtemp(prefix="edgesplit-verb-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_broker_config_then_run_it_with_tls(open_dir, tmp_path):
+    if mosquitto_binary() is None:
+        pytest.skip("the mosquitto binary is not installed: sudo apt-get install mosquitto")
+    import json
+    import re
+
+    port = free_port()
+    out = open_dir / "cfg"
+    done = _cli("broker", "config", "--out", out, "--devices", 2, "--fleet", "lab", "--port", port,
+                "--bind", "127.0.0.1", "--hostname", "localhost")
+    assert done.returncode == 0, done.stderr
+    assert "TLS only" in done.stdout and f"--config {out}" in done.stdout
+    info = json.loads((out / "devices" / "pi-002" / "broker.json").read_text())
+    assert info["broker_url"] == f"mqtts://localhost:{port}" and info["fleet"] == "lab"
+    assert "max_queued_messages" in (out / "broker" / "mosquitto.conf").read_text()
+
+    proc = subprocess.Popen([sys.executable, "-m", "edgesplit", "broker", "--mosquitto", "--config", str(out),
+                             "--workdir", str(tmp_path / "b")],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_port(port, proc)
+        creds = out / "devices" / "pi-002"
+        pw = (creds / "password").read_text()
+        good = MqttClient(f"mqtts://pi-002:{pw}@localhost:{port}?ca={creds / 'ca.crt'}")
+        assert good.start(wait_connected=10), "a device with its generated credentials could not connect"
+        good.stop()
+        plain = MqttClient(f"mqtt://pi-002:{pw}@127.0.0.1:{port}", backoff=Backoff(0.1, 0.2))
+        assert not plain.start(wait_connected=2), "plain TCP must be off"
+        plain.stop()
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=20)
+        assert proc.returncode == 0, stderr
+        # the URL printed is the TLS one the config asks for, on its port
+        assert re.search(rf"mqtts://127\.0\.0\.1:{port}", stderr + stdout), stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--mosquitto", "config", "--out", "X", "--devices", "2"), "--mosquitto is for running a broker"),
+    (("--port", "1884", "config", "--out", "X", "--devices", "2"), "--port is for running a broker"),
+    (("config", "--out", "X"), "one of the arguments --devices --device is required"),
+    (("config", "--out", "X", "--devices", "2", "--device", "a"), "not allowed with"),
+    (("config", "--out", "X", "--devices", "2", "--tls-key", "k.pem"), "needs both --tls-cert and --tls-key"),
+    (("--config", "X"), "add --mosquitto"),
+    (("frob",), "invalid choice: 'frob'"),
+])
+def test_bad_broker_combinations_are_usage_errors(args, message, tmp_path):
+    done = _cli("broker", *[str(tmp_path / a) if a == "X" else a for a in args])
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert not (tmp_path / "X").exists()
+
+
+def test_config_port_must_match_the_configuration(tmp_path):
+    if mosquitto_binary() is None:
+        pytest.skip("the mosquitto binary is not installed: sudo apt-get install mosquitto")
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text("listener 18999 127.0.0.1\nallow_anonymous true\n")
+    done = _cli("broker", "--mosquitto", "--config", conf, "--port", 1884)
+    assert done.returncode == 2 and "listens on port 18999" in done.stderr, done.stderr
