@@ -10,6 +10,12 @@ pool2 tensor); the tensor bytes are raw little-endian C order, or one zstd
 frame when that pays.  ``decode_frame`` bounds every length before it
 allocates and raises only ``FrameError``, whose ``reason`` attribute is a
 short code (``bad-magic``, ``bad-mac``, ...) for counters and dead letters.
+
+This is the hot path of every device and worker (one encode and one decode per
+inference on each side), so it avoids numpy's slow Python-level attributes
+(``dtype.name``, ``np.iinfo``, ``np.errstate``) in favour of tables built at
+import, and the decoder builds its Frame from fields it has already checked
+(``Frame._trusted``) instead of validating them a second time.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import logging
 import math
 import re
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -51,9 +58,11 @@ ENCODING_CODES = {0: "raw", 1: "zstd"}
 _ENCODING_CODE = {name: code for code, name in ENCODING_CODES.items()}
 
 MAX_NDIM = 8
+MAX_DIM = 2**32 - 1
 MAX_ERROR_CHARS = 512
 BUNDLE_ID_CHARS = 16
 U64_MAX = 2**64 - 1
+LABEL_MAX = 2**31 - 1
 
 # compress="auto" uses zstd only on tensors of at least this size when it saves
 # at least this fraction: below that, the CPU on a Pi costs more than the bytes.
@@ -83,6 +92,9 @@ class FrameLimits:
                              fix="lower max_header_bytes / max_ndim")
 
 
+_DEFAULT_LIMITS = FrameLimits()
+
+
 def _fail(reason: str, message: str, fix: str | None = None) -> FrameError:
     err = FrameError(message, fix=fix)
     err.reason = reason  # short code for counters and dead letters
@@ -94,12 +106,40 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
+# --------------------------------------------------------------------------- dtype table
+
+class _DType:
+    """What the codec needs to know about one wire dtype, looked up once."""
+
+    __slots__ = ("code", "name", "le", "itemsize", "is_float", "zp_lo", "zp_hi")
+
+    def __init__(self, code: int, name: str):
+        dt = np.dtype(name)
+        self.code = code
+        self.name = name
+        self.le = dt.newbyteorder("<")  # the wire's byte order, whatever the host's
+        self.itemsize = dt.itemsize
+        self.is_float = dt.kind == "f"
+        info = None if self.is_float else np.iinfo(dt)
+        self.zp_lo = None if info is None else int(info.min)
+        self.zp_hi = None if info is None else int(info.max)
+
+
+_DT_BY_CODE = {code: _DType(code, name) for code, name in DTYPE_CODES.items()}
+# numpy's type number is a C attribute (fast); dtype.name is computed in Python
+# (tens of microseconds).  A big-endian float32 has float32's number too.
+_DT_BY_NUM = {np.dtype(info.name).num: info for info in _DT_BY_CODE.values()}
+_FLOAT64_NUM = np.dtype(np.float64).num
+# byte orders whose bytes are not little-endian on this host
+_NOT_LE = (">",) if sys.byteorder == "little" else (">", "=")
+
+
 # --------------------------------------------------------------------------- the header on the wire
 
 _U64 = Annotated[int, msgspec.Meta(ge=0)]  # MessagePack ints stop at 2**64 - 1
 _Mac = Annotated[bytes, msgspec.Meta(min_length=signing.MAC_BYTES, max_length=signing.MAC_BYTES)]
 _BundleBytes = Annotated[bytes, msgspec.Meta(min_length=8, max_length=8)]
-_Dim = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
+_Dim = Annotated[int, msgspec.Meta(ge=0, le=MAX_DIM)]
 
 
 class _FeaturesHeader(msgspec.Struct, array_like=True, tag=1, frozen=True, forbid_unknown_fields=True):
@@ -129,7 +169,7 @@ class _ResultHeader(msgspec.Struct, array_like=True, tag=2, frozen=True, forbid_
     encoding: int
     t_recv_us: _U64
     t_done_us: _U64
-    label: Optional[Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]]
+    label: Optional[Annotated[int, msgspec.Meta(ge=0, le=LABEL_MAX)]]
     error: Optional[str] = None
     mac: Optional[_Mac] = None  # always last: its 16 bytes end the header
 
@@ -142,9 +182,21 @@ _ZERO_MAC = bytes(signing.MAC_BYTES)
 _MAC_MARK = b"\xc4" + bytes([signing.MAC_BYTES])  # MessagePack bin8 of 16 bytes
 
 
-# --------------------------------------------------------------------------- the Frame
+# --------------------------------------------------------------------------- field checks
+# One definition of each rule, used both by Frame (a program building a frame)
+# and by decode_frame (a frame off the wire), so the two cannot drift apart.
+
+_CACHE_MAX = 4096  # ids are few per deployment; a flood of new ones just empties the cache
+_valid_device_ids: set[str] = set()
+_bundle_ids: dict[str, str] = {}  # as given -> lower case
+_valid_scales: dict[float, float] = {}  # as given -> float32-rounded
+_HEX = frozenset("0123456789abcdefABCDEF")
+_F32 = struct.Struct("<f")
+
 
 def _as_int(value: object, what: str, lo: int = 0, hi: int = U64_MAX) -> int:
+    if type(value) is int and lo <= value <= hi:  # the common case, without isinstance chains
+        return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise _fail("bad-field", f"{what} must be an int, got {type(value).__name__}", fix=f"pass {what} as an int")
     value = int(value)
@@ -153,29 +205,132 @@ def _as_int(value: object, what: str, lo: int = 0, hi: int = U64_MAX) -> int:
     return value
 
 
-def _as_tensor(value: object) -> np.ndarray:
+def _check_device_id(value: object, where: str = "") -> None:
+    if type(value) is str and value in _valid_device_ids:
+        return
     try:
-        arr = np.asarray(value)
-    except (ValueError, TypeError) as e:
-        raise _fail("bad-tensor", f"tensor is not an array: {e}", fix="pass a numpy array") from None
-    name = arr.dtype.name
-    if name not in _DTYPE_CODE:
-        raise _fail("bad-dtype", f"tensor dtype {arr.dtype} is not allowed on the wire",
+        check_id(value, "device id")
+    except TopicError as e:
+        raise _fail("bad-device-id", where + e.message, fix=e.fix) from None
+    if type(value) is str:  # a str subclass could hash or compare oddly: never cached
+        if len(_valid_device_ids) >= _CACHE_MAX:
+            _valid_device_ids.clear()
+        _valid_device_ids.add(value)
+
+
+def _bundle_id(value: object) -> str:
+    """The bundle id in lower case, or FrameError."""
+    if type(value) is str:
+        known = _bundle_ids.get(value)
+        if known is not None:
+            return known
+    if not (isinstance(value, str) and len(value) == BUNDLE_ID_CHARS and _HEX.issuperset(value)):
+        raise _fail("bad-bundle-id", f"bundle id {value!r} is not {BUNDLE_ID_CHARS} hex characters",
+                    fix="use the bundle's id from its manifest (bundle.bundle_id)")
+    low = value.lower()
+    if type(value) is str:
+        if len(_bundle_ids) >= _CACHE_MAX:
+            _bundle_ids.clear()
+        _bundle_ids[value] = low
+    return low
+
+
+def _as_tensor(value: object) -> tuple[np.ndarray, _DType]:
+    """``value`` as a read-only little-endian C-order array of a wire dtype, and that dtype."""
+    if type(value) is np.ndarray:
+        arr = value
+    else:
+        try:
+            arr = np.asarray(value)
+        except (ValueError, TypeError) as e:
+            raise _fail("bad-tensor", f"tensor is not an array: {e}", fix="pass a numpy array") from None
+    dt = arr.dtype
+    info = _DT_BY_NUM.get(dt.num)
+    if info is None:
+        raise _fail("bad-dtype", f"tensor dtype {dt} is not allowed on the wire",
                     fix=f"convert it to one of {', '.join(DTYPES)}")
-    if arr.ndim > MAX_NDIM:
-        raise _fail("bad-shape", f"tensor has {arr.ndim} dimensions, the limit is {MAX_NDIM}",
+    shape = arr.shape
+    if len(shape) > MAX_NDIM:
+        raise _fail("bad-shape", f"tensor has {len(shape)} dimensions, the limit is {MAX_NDIM}",
                     fix="reshape it to at most 8 dimensions")
-    if any(d > 2**32 - 1 for d in arr.shape):
-        raise _fail("bad-shape", f"tensor dimension too large in shape {arr.shape}", fix="split the tensor")
-    if arr.dtype.byteorder == ">" or not arr.flags.c_contiguous:
-        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
-    if arr.flags.writeable:
+    for d in shape:
+        if d > MAX_DIM:
+            raise _fail("bad-shape", f"tensor dimension too large in shape {shape}", fix="split the tensor")
+    flags = arr.flags
+    if dt.byteorder in _NOT_LE or not flags.c_contiguous:
+        arr = np.ascontiguousarray(arr, dtype=info.le)
+        flags = arr.flags
+    if flags.writeable:
         arr = arr.view()
-        arr.flags.writeable = False  # the frame is frozen; so is its view of the tensor
-    return arr
+        arr.setflags(write=False)  # the frame is frozen; so is its view of the tensor
+    return arr, info
 
 
-@dataclass(frozen=True, eq=False)
+def _float32_scale(scale: float) -> float:
+    """``scale`` rounded to float32 (the wire carries float32, as TFLite does); inf beyond its range."""
+    if not math.isfinite(scale):
+        return scale
+    try:  # a C cast: rounds exactly as numpy's float64 -> float32 does
+        return _F32.unpack(_F32.pack(scale))[0]
+    except OverflowError:
+        return math.inf
+
+
+def _check_quantization(scale: object, zero_point: object, info: _DType) -> tuple[float | None, int | None]:
+    """Normalised (scale, zero_point): both None, or a float32-exact scale > 0 and an in-range zero point."""
+    if scale is None and zero_point is None:
+        return None, None
+    if scale is None or zero_point is None:
+        raise _fail("bad-quantization", "scale and zero_point come together",
+                    fix="give both (an int8 tensor's quantization) or neither")
+    if info.is_float:
+        raise _fail("bad-quantization", f"a {info.name} tensor cannot carry quantization",
+                    fix="drop scale/zero_point or send the integer tensor")
+    known = _valid_scales.get(scale) if type(scale) is float else None  # a bundle has one scale
+    if known is not None:
+        scale = known
+    else:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
+            raise _fail("bad-quantization", f"scale must be a number, got {type(scale).__name__}",
+                        fix="use the feature spec's scale from the manifest")
+        given = float(scale)
+        scale = _float32_scale(given)
+        if not (math.isfinite(scale) and scale > 0):
+            raise _fail("bad-quantization", f"scale {scale!r} must be finite and > 0",
+                        fix="use the feature spec's scale from the manifest")
+        if len(_valid_scales) >= _CACHE_MAX:
+            _valid_scales.clear()
+        _valid_scales[given] = scale
+    if type(zero_point) is int and info.zp_lo <= zero_point <= info.zp_hi:
+        return scale, zero_point
+    return scale, _as_int(zero_point, "zero_point", info.zp_lo, info.zp_hi)
+
+
+def _check_result(t_recv_us: object, t_done_us: object, label: object, error: object,
+                  shape: tuple[int, ...] | list[int]) -> tuple[int, int, int | None]:
+    """Normalised (t_recv_us, t_done_us, label) of a result frame, or FrameError."""
+    if t_recv_us is None:
+        raise _fail("bad-field", "a result frame needs t_recv_us", fix="use Frame.result(request, ...)")
+    t_recv_us = _as_int(t_recv_us, "t_recv_us")
+    if t_done_us is None:
+        raise _fail("bad-field", "a result frame needs t_done_us", fix="use Frame.result(request, ...)")
+    t_done_us = _as_int(t_done_us, "t_done_us")
+    if error is not None:
+        if not isinstance(error, str) or len(error) > MAX_ERROR_CHARS:
+            raise _fail("bad-field", f"error must be a str of at most {MAX_ERROR_CHARS} characters",
+                        fix="shorten it (Frame.error_result truncates for you)")
+    elif label is None:
+        raise _fail("bad-label", "a result frame needs a label (or an error)",
+                    fix="pass label=, or error= for a request that could not be served")
+    if label is not None:
+        hi = shape[-1] - 1 if shape and shape[-1] else LABEL_MAX
+        label = _as_int(label, "label", 0, hi)
+    return t_recv_us, t_done_us, label
+
+
+# --------------------------------------------------------------------------- the Frame
+
+@dataclass(frozen=True, eq=False, init=False)
 class Frame:
     """One feature tensor (device -> cloud) or one result (cloud -> device).
 
@@ -202,79 +357,44 @@ class Frame:
     mac: Optional[bytes] = field(default=None, repr=False, compare=False)
     encoding: str = field(default="raw", repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass normalising itself
-        if not isinstance(self.kind, str) or self.kind not in _KIND_TAG:
-            raise _fail("bad-kind", f"frame kind {self.kind!r} is unknown", fix=f"use one of {', '.join(KINDS)}")
-        put("request_id", _as_int(self.request_id, "request_id"))
-        put("seq", _as_int(self.seq, "seq"))
-        put("t_send_us", _as_int(self.t_send_us, "t_send_us"))
-        try:
-            check_id(self.device_id, "device id")
-        except TopicError as e:
-            raise _fail("bad-device-id", e.message, fix=e.fix) from None
-        bid = self.bundle_id
-        if not (isinstance(bid, str) and len(bid) == BUNDLE_ID_CHARS
-                and all(c in "0123456789abcdefABCDEF" for c in bid)):
-            raise _fail("bad-bundle-id", f"bundle id {bid!r} is not {BUNDLE_ID_CHARS} hex characters",
-                        fix="use the bundle's id from its manifest (bundle.bundle_id)")
-        put("bundle_id", bid.lower())
-        tensor = _as_tensor(self.tensor)
-        put("tensor", tensor)
-        self._check_quantization(tensor)
-        if self.kind == FEATURES:
-            extra = [n for n in ("t_recv_us", "t_done_us", "label", "error") if getattr(self, n) is not None]
-            if extra:
+    # Written by hand (the dataclass one sets 15 frozen attributes one by one,
+    # then validates): checks every field, then stores them in one go.
+    def __init__(self, kind: str, request_id: int, device_id: str, bundle_id: str, seq: int, t_send_us: int,
+                 tensor: np.ndarray, scale: Optional[float] = None, zero_point: Optional[int] = None,
+                 t_recv_us: Optional[int] = None, t_done_us: Optional[int] = None, label: Optional[int] = None,
+                 error: Optional[str] = None, mac: Optional[bytes] = None, encoding: str = "raw") -> None:
+        if not isinstance(kind, str) or kind not in _KIND_TAG:
+            raise _fail("bad-kind", f"frame kind {kind!r} is unknown", fix=f"use one of {', '.join(KINDS)}")
+        request_id = _as_int(request_id, "request_id")
+        seq = _as_int(seq, "seq")
+        t_send_us = _as_int(t_send_us, "t_send_us")
+        _check_device_id(device_id)
+        bundle_id = _bundle_id(bundle_id)
+        tensor, info = _as_tensor(tensor)
+        scale, zero_point = _check_quantization(scale, zero_point, info)
+        if kind == FEATURES:
+            if t_recv_us is not None or t_done_us is not None or label is not None or error is not None:
+                extra = [n for n, v in (("t_recv_us", t_recv_us), ("t_done_us", t_done_us), ("label", label),
+                                        ("error", error)) if v is not None]
                 raise _fail("bad-field", f"a features frame cannot carry {', '.join(extra)}",
                             fix="those fields belong to result frames (Frame.result)")
         else:
-            self._check_result(tensor)
-        if self.mac is not None and (not isinstance(self.mac, bytes) or len(self.mac) != signing.MAC_BYTES):
+            t_recv_us, t_done_us, label = _check_result(t_recv_us, t_done_us, label, error, tensor.shape)
+        if mac is not None and (not isinstance(mac, bytes) or len(mac) != signing.MAC_BYTES):
             raise _fail("bad-mac", f"mac must be {signing.MAC_BYTES} bytes", fix="leave mac unset; encode_frame signs")
-        if not isinstance(self.encoding, str) or self.encoding not in _ENCODING_CODE:
-            raise _fail("bad-encoding", f"encoding {self.encoding!r} is unknown", fix="use 'raw' or 'zstd'")
+        if not isinstance(encoding, str) or encoding not in _ENCODING_CODE:
+            raise _fail("bad-encoding", f"encoding {encoding!r} is unknown", fix="use 'raw' or 'zstd'")
+        self.__dict__.update(kind=kind, request_id=request_id, device_id=device_id, bundle_id=bundle_id, seq=seq,
+                             t_send_us=t_send_us, tensor=tensor, scale=scale, zero_point=zero_point,
+                             t_recv_us=t_recv_us, t_done_us=t_done_us, label=label, error=error, mac=mac,
+                             encoding=encoding)
 
-    def _check_quantization(self, tensor: np.ndarray) -> None:
-        if self.scale is None and self.zero_point is None:
-            return
-        if self.scale is None or self.zero_point is None:
-            raise _fail("bad-quantization", "scale and zero_point come together",
-                        fix="give both (an int8 tensor's quantization) or neither")
-        if tensor.dtype.kind == "f":
-            raise _fail("bad-quantization", f"a {tensor.dtype} tensor cannot carry quantization",
-                        fix="drop scale/zero_point or send the integer tensor")
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float, np.floating, np.integer)):
-            raise _fail("bad-quantization", f"scale must be a number, got {type(self.scale).__name__}",
-                        fix="use the feature spec's scale from the manifest")
-        scale = float(self.scale)
-        if math.isfinite(scale):
-            with np.errstate(over="ignore"):  # beyond float32's range becomes inf, refused below
-                scale = float(np.float32(scale))  # the wire carries float32, as TFLite does
-        if not (math.isfinite(scale) and scale > 0):
-            raise _fail("bad-quantization", f"scale {scale!r} must be finite and > 0",
-                        fix="use the feature spec's scale from the manifest")
-        info = np.iinfo(tensor.dtype)
-        zp = _as_int(self.zero_point, "zero_point", int(info.min), int(info.max))
-        object.__setattr__(self, "scale", scale)
-        object.__setattr__(self, "zero_point", zp)
-
-    def _check_result(self, tensor: np.ndarray) -> None:
-        for name in ("t_recv_us", "t_done_us"):
-            if getattr(self, name) is None:
-                raise _fail("bad-field", f"a result frame needs {name}", fix="use Frame.result(request, ...)")
-            object.__setattr__(self, name, _as_int(getattr(self, name), name))
-        if self.error is not None:
-            if not isinstance(self.error, str) or len(self.error) > MAX_ERROR_CHARS:
-                raise _fail("bad-field", f"error must be a str of at most {MAX_ERROR_CHARS} characters",
-                            fix="shorten it (Frame.error_result truncates for you)")
-        elif self.label is None:
-            raise _fail("bad-label", "a result frame needs a label (or an error)",
-                        fix="pass label=, or error= for a request that could not be served")
-        if self.label is not None:
-            hi = 2**31 - 1
-            if tensor.ndim and tensor.shape[-1]:
-                hi = tensor.shape[-1] - 1
-            object.__setattr__(self, "label", _as_int(self.label, "label", 0, hi))
+    @classmethod
+    def _trusted(cls, fields: dict) -> "Frame":
+        """A Frame from fields that are already valid and normalised (decode_frame's checks); no second pass."""
+        frame = object.__new__(cls)
+        frame.__dict__.update(fields)
+        return frame
 
     # ---- constructors a consumer wants
 
@@ -291,10 +411,10 @@ class Frame:
                label: int | None = None) -> "Frame":
         """The answer to ``request``: echoes its ids, seq and send time; label defaults to the top-1."""
         probs = np.asarray(probabilities)
-        if probs.dtype == np.float64:
+        if probs.dtype.num == _FLOAT64_NUM:
             probs = probs.astype(np.float32)  # what a tail usually returns after numpy arithmetic
         if label is None and probs.size:
-            label = int(np.argmax(probs.reshape(-1, probs.shape[-1])[0])) if probs.ndim else 0
+            label = int(probs.reshape(-1, probs.shape[-1])[0].argmax()) if probs.ndim else 0
         return cls(RESULT, request.request_id, request.device_id, request.bundle_id, request.seq,
                    request.t_send_us, probs, t_recv_us=t_recv_us,
                    t_done_us=now_us() if t_done_us is None else t_done_us, label=label)
@@ -313,7 +433,9 @@ class Frame:
 
     @property
     def dtype(self) -> str:
-        return self.tensor.dtype.name
+        """The tensor's dtype name (``"int8"``...), from the codec's table rather than numpy's slow ``.name``."""
+        info = _DT_BY_NUM.get(self.tensor.dtype.num)
+        return self.tensor.dtype.name if info is None else info.name
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -372,33 +494,48 @@ def _zstd_d() -> zstandard.ZstdDecompressor:
     return d
 
 
+_F32_BE = struct.Struct(">f")
+_scale_raw: dict[float, msgspec.Raw] = {}  # a bundle has one scale: encode its bytes once
+
+
 def _f32(x: float | None) -> msgspec.Raw | None:
     # msgspec writes every float as float64 (9 bytes); a quantization scale is a
     # float32 (TFLite's), so write it as MessagePack float32 (5 bytes) ourselves.
-    return None if x is None else msgspec.Raw(b"\xca" + struct.pack(">f", x))
+    if x is None:
+        return None
+    raw = _scale_raw.get(x)
+    if raw is None:
+        raw = msgspec.Raw(b"\xca" + _F32_BE.pack(x))
+        if len(_scale_raw) >= _CACHE_MAX:
+            _scale_raw.clear()
+        _scale_raw[x] = raw
+    return raw
 
 
-def _header(frame: Frame, encoding: str, mac: bytes | None) -> msgspec.Struct:
-    common = dict(request_id=frame.request_id, device_id=frame.device_id, bundle_id=bytes.fromhex(frame.bundle_id),
-                  seq=frame.seq, t_send_us=frame.t_send_us, dtype=_DTYPE_CODE[frame.dtype],
-                  shape=list(frame.shape), scale=_f32(frame.scale), zero_point=frame.zero_point,
-                  encoding=_ENCODING_CODE[encoding], mac=mac)
+def _header(frame: Frame, encoding: int, mac: bytes | None) -> msgspec.Struct:
+    tensor = frame.tensor
+    code = _DT_BY_NUM[tensor.dtype.num].code
     if frame.kind == FEATURES:
-        return _FeaturesHeader(**common)
-    return _ResultHeader(**common, t_recv_us=frame.t_recv_us, t_done_us=frame.t_done_us, label=frame.label,
-                         error=frame.error)
+        return _FeaturesHeader(frame.request_id, frame.device_id, bytes.fromhex(frame.bundle_id), frame.seq,
+                               frame.t_send_us, code, list(tensor.shape), _f32(frame.scale), frame.zero_point,
+                               encoding, mac)
+    return _ResultHeader(frame.request_id, frame.device_id, bytes.fromhex(frame.bundle_id), frame.seq,
+                         frame.t_send_us, code, list(tensor.shape), _f32(frame.scale), frame.zero_point,
+                         encoding, frame.t_recv_us, frame.t_done_us, frame.label, frame.error, mac)
 
 
-def _body(frame: Frame, compress: str) -> tuple[str, bytes]:
-    raw = frame.tensor.tobytes()
-    if compress == "raw" or not raw:
-        return "raw", raw
-    if compress == "auto" and len(raw) < AUTO_MIN_BYTES:
-        return "raw", raw
-    packed = _zstd_c().compress(raw)
-    if compress == "zstd" or len(packed) <= (1 - AUTO_MIN_SAVING) * len(raw):
-        return "zstd", packed
-    return "raw", raw
+_RAW, _ZSTD = _ENCODING_CODE["raw"], _ENCODING_CODE["zstd"]
+
+
+def _body(tensor: np.ndarray, compress: str) -> tuple[int, object]:
+    """(encoding code, body); a raw body is the tensor itself (C-contiguous: no copy until the payload is joined)."""
+    nbytes = tensor.nbytes
+    if compress == "raw" or not nbytes or (compress == "auto" and nbytes < AUTO_MIN_BYTES):
+        return _RAW, tensor
+    packed = _zstd_c().compress(tensor)
+    if compress == "zstd" or len(packed) <= (1 - AUTO_MIN_SAVING) * nbytes:
+        return _ZSTD, packed
+    return _RAW, tensor
 
 
 def encode_frame(frame: Frame, *, compress: str = "auto", key: signing.KeySource | None = None) -> bytes:
@@ -415,20 +552,18 @@ def encode_frame(frame: Frame, *, compress: str = "auto", key: signing.KeySource
         compress = "raw"  # a common spelling of "do not compress"
     if compress not in ("auto", "raw", "zstd"):
         raise UsageError(f"compress={compress!r} is unknown", fix="use 'auto', 'raw' (or 'none') or 'zstd'")
-    k = signing.key_for(key, frame.device_id)
-    encoding, body = _body(frame, compress)
-    header = _encoder.encode(_header(frame, encoding, _ZERO_MAC if k is not None else None))
+    k = None if key is None else signing.key_for(key, frame.device_id)
+    encoding, body = _body(frame.tensor, compress)
+    header = _encoder.encode(_header(frame, encoding, None if k is None else _ZERO_MAC))
     if len(header) > 0xFFFF:
         raise _fail("header-too-large", f"the header needs {len(header)} bytes, the format allows 65535",
                     fix="shorten the error text")
-    payload = bytearray(_PREFIX.pack(MAGIC, VERSION, len(header)))
-    payload += header
-    payload += body
-    if k is not None:
-        # The MAC covers every byte with its own 16 bytes zeroed, then fills them in.
-        at = PREFIX_BYTES + len(header) - signing.MAC_BYTES
-        payload[at:at + signing.MAC_BYTES] = signing.compute_mac(k, payload)
-    return bytes(payload)
+    prefix = _PREFIX.pack(MAGIC, VERSION, len(header))
+    if k is None:
+        return b"".join((prefix, header, body))
+    # The MAC covers every byte with its own 16 bytes zeroed (they end the header), then fills them in.
+    mac = signing.compute_mac(k, prefix, header, body)
+    return b"".join((prefix, header[:-signing.MAC_BYTES], mac, body))
 
 
 def header_size(frame: Frame, *, signed: bool = False) -> int:
@@ -438,7 +573,7 @@ def header_size(frame: Frame, *, signed: bool = False) -> int:
     """
     if not isinstance(frame, Frame):
         raise UsageError(f"header_size needs a Frame, got {type(frame).__name__}", fix="pass a Frame")
-    return PREFIX_BYTES + len(_encoder.encode(_header(frame, "raw", _ZERO_MAC if signed else None)))
+    return PREFIX_BYTES + len(_encoder.encode(_header(frame, _RAW, _ZERO_MAC if signed else None)))
 
 
 # --------------------------------------------------------------------------- decode
@@ -468,12 +603,14 @@ def _header_error(raw: bytes, e: msgspec.MsgspecError) -> FrameError:
 
 
 def decode_frame(payload: bytes | bytearray | memoryview, *, key: signing.KeySource | None = None,
-                 limits: FrameLimits = FrameLimits()) -> Frame:
+                 limits: FrameLimits = _DEFAULT_LIMITS) -> Frame:
     """Parse and check one MQTT payload; raise FrameError (with ``.reason``) for anything wrong.
 
     With ``key`` (bytes, or a {device_id: key} mapping / callable) the MAC is
     required and verified before the tensor is touched.  Without it a MAC that
-    is present is kept in ``frame.mac`` but not checked.
+    is present is kept in ``frame.mac`` but not checked.  A raw tensor is a
+    read-only view of ``payload`` (no copy): do not change a bytearray payload
+    while its frame is in use.
     """
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise _fail("bad-payload", f"payload must be bytes, got {type(payload).__name__}",
@@ -512,14 +649,11 @@ def decode_frame(payload: bytes | bytearray | memoryview, *, key: signing.KeySou
     except UnicodeDecodeError as e:  # msgspec lets invalid UTF-8 in a str through as this
         raise _fail("bad-header", f"header is not a valid frame header: a text field is not UTF-8 ({e.reason})",
                     fix="encode frames with protocol.frame.encode_frame") from None
-    kind = FEATURES if isinstance(h, _FeaturesHeader) else RESULT
-    try:
-        check_id(h.device_id, "device id")
-    except TopicError as e:
-        raise _fail("bad-device-id", f"header field 'device_id': {e.message}", fix=e.fix) from None
+    device_id = h.device_id
+    _check_device_id(device_id, "header field 'device_id': ")
 
-    dtype = DTYPE_CODES.get(h.dtype)
-    if dtype is None:
+    info = _DT_BY_CODE.get(h.dtype)
+    if info is None:
         raise _fail("bad-dtype", f"dtype code {h.dtype} is not allowed "
                                  f"(known: {', '.join(f'{c}={n}' for c, n in DTYPE_CODES.items())})",
                     fix=f"send one of {', '.join(DTYPES)}")
@@ -527,54 +661,66 @@ def decode_frame(payload: bytes | bytearray | memoryview, *, key: signing.KeySou
     if encoding is None:
         raise _fail("bad-encoding", f"payload encoding code {h.encoding} is unknown (0 = raw, 1 = zstd)",
                     fix="send raw or zstd bodies")
-    if len(h.shape) > limits.max_ndim:
-        raise _fail("bad-shape", f"shape has {len(h.shape)} dimensions, the limit is {limits.max_ndim}",
+    shape = h.shape
+    if len(shape) > limits.max_ndim:
+        raise _fail("bad-shape", f"shape has {len(shape)} dimensions, the limit is {limits.max_ndim}",
                     fix="send tensors of at most 8 dimensions")
-    for d in h.shape:
-        if d > limits.max_dim:
-            raise _fail("bad-shape", f"dimension {d} in shape {h.shape} exceeds the limit of {limits.max_dim}",
+    max_dim = limits.max_dim
+    for d in shape:
+        if d > max_dim:
+            raise _fail("bad-shape", f"dimension {d} in shape {shape} exceeds the limit of {max_dim}",
                         fix="raise FrameLimits.max_dim if such tensors are expected")
-    itemsize = np.dtype(dtype).itemsize
-    expected = math.prod(h.shape) * itemsize  # Python ints: no overflow
+    expected = math.prod(shape) * info.itemsize  # Python ints: no overflow
     if expected > limits.max_tensor_bytes:
-        raise _fail("too-large", f"shape {h.shape} of {dtype} needs {expected} bytes, the limit is "
+        raise _fail("too-large", f"shape {shape} of {info.name} needs {expected} bytes, the limit is "
                                  f"{limits.max_tensor_bytes}",
                     fix="raise FrameLimits.max_tensor_bytes if such tensors are expected")
 
-    k = signing.key_for(key, h.device_id) if key is not None else None  # unknown device -> FrameError
+    k = None if key is None else signing.key_for(key, device_id)  # unknown device -> FrameError
     if k is not None:
         if h.mac is None:
-            raise _fail("bad-mac", f"bad MAC: the frame from {h.device_id!r} is not signed",
+            raise _fail("bad-mac", f"bad MAC: the frame from {device_id!r} is not signed",
                         fix="give the device its key (--key) or stop requiring signatures")
         at = end - signing.MAC_BYTES
         # The MAC is the header's last element, so its 16 bytes end the header.
-        if bytes(view[at - 2:at]) != _MAC_MARK:
+        if view[at - 2:at] != _MAC_MARK:
             raise _fail("bad-mac", "bad MAC: the MAC is not the header's last field",
                         fix="encode frames with protocol.frame.encode_frame")
         if not signing.verify_mac(k, h.mac, view[:at], _ZERO_MAC, view[end:]):
-            raise _fail("bad-mac", f"bad MAC: the frame from {h.device_id!r} was altered or signed with "
+            raise _fail("bad-mac", f"bad MAC: the frame from {device_id!r} was altered or signed with "
                                    "another key", fix="check that the device and the worker hold the same key")
 
-    body = view[end:]
     if encoding == "raw":
-        if body.nbytes != expected:
-            what = "truncated tensor" if body.nbytes < expected else "trailing bytes"
-            raise _fail("bad-size", f"{what}: shape {h.shape} of {dtype} needs {expected} bytes, "
-                                    f"the payload carries {body.nbytes}",
+        size = n - end
+        if size != expected:
+            what = "truncated tensor" if size < expected else "trailing bytes"
+            raise _fail("bad-size", f"{what}: shape {shape} of {info.name} needs {expected} bytes, "
+                                    f"the payload carries {size}",
                         fix="publish whole frames made by encode_frame")
-        data = body
+        data, offset = payload, end  # the tensor is a view of the payload
     else:
-        data = _unzstd(body, expected)
+        data, offset = _unzstd(view[end:], expected), 0
     try:
-        tensor = np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(h.shape)
-    except ValueError as e:  # cannot happen after the size checks; keep the one-error promise anyway
-        raise _fail("bad-size", f"tensor bytes do not fit shape {h.shape}: {e}") from None
-    fields = dict(request_id=h.request_id, device_id=h.device_id, bundle_id=h.bundle_id.hex(), seq=h.seq,
-                  t_send_us=h.t_send_us, tensor=tensor, scale=h.scale, zero_point=h.zero_point, mac=h.mac,
-                  encoding=encoding)
-    if kind == RESULT:
-        fields.update(t_recv_us=h.t_recv_us, t_done_us=h.t_done_us, label=h.label, error=h.error)
-    return Frame(kind, **fields)  # validates ids, quantization, label (FrameError)
+        tensor = np.ndarray(shape, info.le, data, offset)
+    except (ValueError, TypeError) as e:  # cannot happen after the size checks; keep the one-error promise
+        raise _fail("bad-size", f"tensor bytes do not fit shape {shape}: {e}") from None
+    if tensor.flags.writeable:  # a bytearray payload: nobody writes through the frame's tensor
+        tensor.setflags(write=False)
+
+    scale, zero_point = _check_quantization(h.scale, h.zero_point, info)
+    fields = {"kind": FEATURES, "request_id": h.request_id, "device_id": device_id,
+              "bundle_id": h.bundle_id.hex(), "seq": h.seq, "t_send_us": h.t_send_us, "tensor": tensor,
+              "scale": scale, "zero_point": zero_point, "t_recv_us": None, "t_done_us": None, "label": None,
+              "error": None, "mac": h.mac, "encoding": encoding}
+    if type(h) is _ResultHeader:
+        fields["kind"] = RESULT
+        fields["t_recv_us"], fields["t_done_us"], fields["label"] = _check_result(
+            h.t_recv_us, h.t_done_us, h.label, h.error, shape)
+        fields["error"] = h.error
+    # Every rule Frame.__init__ applies holds by now: the header types (ints in
+    # range, 8-byte bundle id, 16-byte MAC, dims), the checks above, and the shared
+    # _check_* functions.  So the Frame is built without validating it twice.
+    return Frame._trusted(fields)
 
 
 def _unzstd(body: memoryview, expected: int) -> bytes:

@@ -149,9 +149,24 @@ def key_for(source: KeySource | None, device_id: str) -> bytes | None:
     return check_key(key)
 
 
+# HMAC objects already keyed, one per key: copying one skips the key set-up (two
+# SHA-256 blocks and an object) that hmac.new repeats on every frame.  Bounded;
+# the keys are the ones the process holds anyway.
+_KEYED_MAX = 1024
+_keyed: dict[bytes, "hmac.HMAC"] = {}
+
+
 def compute_mac(key: bytes, *chunks: bytes | memoryview) -> bytes:
     """HMAC-SHA256 over the concatenated chunks, truncated to 16 bytes."""
-    h = hmac.new(key, digestmod=hashlib.sha256)
+    if type(key) is not bytes:
+        key = bytes(key)
+    base = _keyed.get(key)
+    if base is None:
+        base = hmac.new(key, digestmod=hashlib.sha256)
+        if len(_keyed) >= _KEYED_MAX:
+            _keyed.clear()
+        _keyed[key] = base
+    h = base.copy()  # the cached object is never updated itself, so threads can share it
     for c in chunks:
         h.update(c)
     return h.digest()[:MAC_BYTES]

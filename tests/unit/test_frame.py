@@ -260,3 +260,47 @@ def test_docs_example_a_and_b_byte_for_byte():
     signed = encode_frame(example_a(), key=KEY)
     assert len(signed) == 70 and signed[0x30:0x40] == EXAMPLE_B_MAC
     assert decode_frame(signed, key=KEY).mac == EXAMPLE_B_MAC
+
+
+# ---------------------------------------------------------------- the fast paths keep every rule
+
+def test_a_bytearray_or_sliced_payload_decodes_to_a_read_only_tensor():
+    payload = encode_frame(feat(), compress="raw")
+    for data in (bytearray(payload), memoryview(b"xx" + payload + b"yy")[2:-2]):
+        g = decode_frame(data)
+        assert g == feat() and not g.tensor.flags.writeable
+        with pytest.raises(ValueError):
+            g.tensor[0, 0, 0, 0] = 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES + (">f4", ">i2", "<f2"))
+def test_dtype_names_every_wire_dtype_in_any_byte_order(dtype):
+    f = feat(tensor_of(dtype, (2, 3)))
+    assert f.dtype == np.dtype(dtype).newbyteorder("=").name
+    assert decode_frame(encode_frame(f)).dtype == f.dtype
+
+
+def test_values_seen_before_are_still_checked_against_the_rest_of_the_frame():
+    """Ids and scales already validated once skip re-parsing, not the rules that involve other fields."""
+    ok = feat(np.zeros(4, np.int8), scale=0.5, zero_point=0)
+    assert ok.scale == 0.5
+    with pytest.raises(FrameError, match="cannot carry quantization"):
+        feat(np.zeros(4, np.float32), scale=0.5, zero_point=0)
+    with pytest.raises(FrameError, match="zero_point 200 is outside"):
+        feat(np.zeros(4, np.int8), scale=0.5, zero_point=200)
+    with pytest.raises(FrameError, match="come together"):
+        feat(np.zeros(4, np.int8), scale=0.5)
+    assert feat(bundle_id=BUNDLE.upper()).bundle_id == feat(bundle_id=BUNDLE.upper()).bundle_id == BUNDLE
+    with pytest.raises(FrameError, match="device id 'pi-01 ' contains whitespace"):
+        feat(device_id="pi-01 ")
+
+
+def test_a_decoded_frame_is_the_frame_its_constructor_would_build():
+    f = feat(scale=0.1, zero_point=-3)
+    g = decode_frame(encode_frame(f))
+    fields = ("kind", "request_id", "device_id", "bundle_id", "seq", "t_send_us", "scale", "zero_point",
+              "t_recv_us", "t_done_us", "label", "error")
+    assert [(getattr(g, n), type(getattr(g, n))) for n in fields] == \
+           [(getattr(f, n), type(getattr(f, n))) for n in fields]
+    rebuilt = Frame(**{n: getattr(g, n) for n in fields}, tensor=g.tensor, mac=g.mac, encoding=g.encoding)
+    assert rebuilt == g and repr(rebuilt) == repr(g)
