@@ -18,6 +18,8 @@ No TensorFlow here: this module only needs numpy.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gzip
 import hashlib
 import importlib.metadata
@@ -64,6 +66,24 @@ def cache_dir() -> Path:
     path = Path(root)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, what: str = "building"):
+    """Exclusive ``fcntl`` lock on ``path`` (waits, logging once, if another process holds it).
+
+    For the cache: two processes never build the same entry at once.
+    """
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process that is %s (%s)", what, path)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

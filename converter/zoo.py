@@ -13,10 +13,8 @@ once; the second one waits and then loads what the first one wrote.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
-import fcntl
 import json
 import logging
 import math
@@ -233,7 +231,7 @@ def train(name: str, epochs: int | None = None, force: bool = False) -> TrainRes
         cached = _load_cached(entry, epochs, model_path, record_path)
         if cached is not None:
             return cached
-    with _file_lock(model_path.with_suffix(".lock")):
+    with datasets.file_lock(model_path.with_suffix(".lock"), "training"):
         # Another process may have trained it while we waited for the lock.
         if not force:
             cached = _load_cached(entry, epochs, model_path, record_path)
@@ -370,21 +368,6 @@ def describe(name: str) -> dict:
 
 
 # ---------------------------------------------------------------------- utils
-
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    """Exclusive ``fcntl`` lock on ``path`` (waits, logging once, if another process holds it)."""
-    with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another process that is training (%s)", path)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
 
 def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
     # The temp name keeps the suffix: Keras refuses to save a .keras model under another one.

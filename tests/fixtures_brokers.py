@@ -5,9 +5,10 @@
   a factory for brokers with extra config lines (password files, ACLs, TLS listeners).
 * ``embedded_broker`` — the embedded broker the ``edgesplit broker`` verb runs.
 * ``broker`` — parametrized over both.
-* ``tiny_bundle`` (a small real bundle), ``start_worker`` (an in-process ``cloud.Worker``),
-  ``cloud_command`` (``edgesplit cloud`` in its own process) and
-  ``collect`` (a client keeping what arrives on some topic filters) for the cloud tests.
+* ``open_dir`` — a 0755 temp directory for files a root-started Mosquitto must read after dropping root.
+* ``start_worker`` (an in-process ``cloud.Worker``), ``cloud_command`` (``edgesplit cloud`` in its own process) and
+  ``collect`` (a client keeping what arrives on some topic filters) for the cloud tests (their bundle:
+  ``tiny_bundle`` in fixtures_models.py).
 
 The broker fixtures yield a ``deploy.broker.RunningBroker``: ``.url``, ``.host``, ``.port``, ``.log_path``,
 ``.stop()``, ``.kill()`` (SIGKILL), ``.restart()`` (same port and config).  The system broker
@@ -32,12 +33,22 @@ def _need_mosquitto():
 
 @pytest.fixture
 def make_mosquitto(tmp_path):
-    """Factory: ``make_mosquitto("password_file /x", anonymous=False)`` -> a started RunningBroker."""
+    """Factory: ``make_mosquitto("acl_file /x", users={"pi-01": "s3cret"})`` -> a started RunningBroker.
+
+    ``users`` writes a password file (hashed as ``mosquitto_passwd`` does) and refuses anonymous clients.
+    """
     _need_mosquitto()
     started = []
 
-    def make(*extra_lines, persistence=False, anonymous=True, config_path=None, port=None):
+    def make(*extra_lines, users=None, persistence=False, anonymous=True, config_path=None, port=None):
         wd = tmp_path / f"mosquitto-{len(started)}"
+        if users:
+            from deploy.broker_config import hash_password
+
+            passwd = tmp_path / f"passwd-{len(started)}"
+            passwd.write_text("".join(f"{u}:{hash_password(pw)}\n" for u, pw in users.items()))
+            passwd.chmod(0o600)
+            extra_lines, anonymous = (f"password_file {passwd}", *extra_lines), False
         b = start_mosquitto("127.0.0.1", port, extra_lines=extra_lines, persistence=persistence,
                             anonymous=anonymous, config_path=config_path, workdir=wd)
         started.append(b)
@@ -67,26 +78,25 @@ def broker(request):
 
 
 @pytest.fixture
+def open_dir():
+    """A directory Mosquitto can still read after it drops root to its own user (tmp_path is 0700)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    d = Path(tempfile.mkdtemp(prefix="edgesplit-test-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
 def topic_root():
     """A topic prefix unique to the test, so tests never see each other's messages."""
     return f"test/{uuid.uuid4().hex[:10]}"
 
 
 # ---------------------------------------------------------------- cloud test helpers
-
-@pytest.fixture(scope="session")
-def tiny_bundle():
-    """A small real bundle (tiny CNN cut at pool1, int8, 14x14x4 features), built once per machine."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from unit.test_device_runtime import tiny_artifacts
-
-    from protocol.manifest import load_bundle
-
-    return load_bundle(tiny_artifacts() / "bundle")
-
 
 @pytest.fixture
 def start_worker():
@@ -165,17 +175,20 @@ def collect():
 
 class CloudCommand:
     """``edgesplit cloud ... --json`` as a user runs it; stderr is read as it comes (to know when the
-    workers are ready); ``stop()`` sends SIGTERM and returns the counters it printed."""
+    workers are ready); ``stop()`` sends SIGTERM and returns the counters it printed (with
+    ``json=False``: the text summary a user reads)."""
 
-    def __init__(self, url, bundle_root, *extra):
+    def __init__(self, url, bundle_root, *extra, json=True):
         import subprocess
         import sys
         import threading
         from pathlib import Path
 
         root = Path(__file__).resolve().parents[1]
+        self.json = json
         self.proc = subprocess.Popen([sys.executable, "-m", "edgesplit", "cloud", "--bundle", str(bundle_root),
-                                      "--broker", url, "--stats-every", "0", "--json", *map(str, extra)],
+                                      "--broker", url, "--stats-every", "0", *(["--json"] if json else []),
+                                      *map(str, extra)],
                                      cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.err: list[str] = []
         self._reader = threading.Thread(target=lambda: self.err.extend(self.proc.stderr), daemon=True)
@@ -206,8 +219,8 @@ class CloudCommand:
                     pass
         return sorted(out)
 
-    def stop(self, timeout=120) -> dict:
-        """SIGTERM (the workers drain), exit code 0, and the JSON it printed (``["total"]`` …)."""
+    def stop(self, timeout=120):
+        """SIGTERM (the workers drain), exit code 0, and the JSON it printed (``["total"]`` …) as a dict."""
         import json
         import signal
 
@@ -216,7 +229,7 @@ class CloudCommand:
         self.proc.wait(timeout)
         self._reader.join(10)
         assert self.proc.returncode == 0, "".join(self.err)
-        return json.loads(out)
+        return json.loads(out) if self.json else out
 
     def kill(self):
         """SIGKILL it and its workers (they would outlive a killed parent)."""
@@ -239,12 +252,12 @@ class CloudCommand:
 
 @pytest.fixture
 def cloud_command():
-    """Factory: ``cloud_command(url, bundle_root, *extra_args)`` -> a running :class:`CloudCommand`,
+    """Factory: ``cloud_command(url, bundle_root, *extra_args, json=True)`` -> a running :class:`CloudCommand`,
     killed at teardown if the test did not stop it."""
     made = []
 
-    def make(url, bundle_root, *extra):
-        c = CloudCommand(url, bundle_root, *extra)
+    def make(url, bundle_root, *extra, **kw):
+        c = CloudCommand(url, bundle_root, *extra, **kw)
         made.append(c)
         return c
 

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import ssl
 import stat
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
@@ -23,8 +21,8 @@ import pytest
 paho = pytest.importorskip("paho.mqtt.client")
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
-from deploy.broker_config import (device_ids, find_conf, hash_password, verify_password,  # noqa: E402
-                                  write_broker_config)
+from deploy.broker import free_port  # noqa: E402
+from deploy.broker_config import device_ids, hash_password, verify_password, write_broker_config  # noqa: E402
 from protocol import topics  # noqa: E402
 from protocol.errors import TopicError, UsageError  # noqa: E402
 
@@ -36,61 +34,14 @@ pytestmark = pytest.mark.timeout(120)
 FLEET = "f1"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def open_dir():
-    """A directory Mosquitto can enter after it drops root (pytest's tmp_path is 0700)."""
-    d = Path(tempfile.mkdtemp(prefix="edgesplit-broker-"))
-    d.chmod(0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-class Broker:
-    """A mosquitto process running one generated configuration."""
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.port = cfg.port
-        self.log = cfg.out_dir / "mosquitto.log"
-        self._logf = open(self.log, "wb")
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(find_conf(cfg.out_dir))],
-                                     stdout=self._logf, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {self.log.read_text()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"mosquitto did not listen on {self.port}: {self.log.read_text()}")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._logf.close()
-
-
-@pytest.fixture
-def broker(open_dir):
+def broker(open_dir, make_mosquitto):
+    """A real Mosquitto running the generated configuration (``.cfg``: what write_broker_config wrote)."""
     cfg = write_broker_config(open_dir / "cfg", ["pi-001", "pi-002"], fleet=FLEET,
-                              cloud_users=("cloud", "cloud-b"), port=_free_port(), bind="127.0.0.1")
-    b = Broker(cfg)
-    yield b
-    b.stop()
+                              cloud_users=("cloud", "cloud-b"), port=free_port(), bind="127.0.0.1")
+    b = make_mosquitto(config_path=cfg.out_dir)
+    b.cfg = cfg
+    return b
 
 
 class Client:
@@ -282,7 +233,7 @@ def test_tls_with_generated_ca_and_no_plain_tcp(broker, tmp_path):
         assert not c.connect(host).is_failure
         c.close()
     # a client that does not trust this CA is stopped by certificate verification
-    other = write_broker_config(tmp_path / "other", ["pi-001"], fleet=FLEET, port=_free_port())
+    other = write_broker_config(tmp_path / "other", ["pi-001"], fleet=FLEET, port=free_port())
     c = Client(broker.port, "pi-001", cfg.password("pi-001"), ca=other.ca_path)
     with pytest.raises(ssl.SSLCertVerificationError):
         c.c.connect("localhost", broker.port)
@@ -291,7 +242,7 @@ def test_tls_with_generated_ca_and_no_plain_tcp(broker, tmp_path):
     assert plain.connect(wait=3) is None
     plain.c.loop_stop()
     # and the broker listens on no other port: exactly one listening socket, the TLS one
-    assert _listening_ports(broker.proc.pid) == {broker.port}
+    assert _listening_ports(broker.pid) == {broker.port}
     conf = cfg.conf_path.read_text()
     assert conf.count("\nlistener ") == 1 and "allow_anonymous false" in conf
 
@@ -318,7 +269,7 @@ def _listening_ports(pid: int) -> set[int]:
 
 
 @needs_mosquitto
-def test_own_certificate_is_used(open_dir):
+def test_own_certificate_is_used(open_dir, make_mosquitto):
     """A user's own CA and server certificate instead of the generated ones."""
     from deploy import broker_config as bc
     ca_key, ca_cert = bc._make_ca("mine")
@@ -330,17 +281,14 @@ def test_own_certificate_is_used(open_dir):
     (mine / "ca.pem").write_bytes(ca_cert.public_bytes(pem))
     (mine / "server.pem").write_bytes(cert.public_bytes(pem))
     (mine / "server.key").write_bytes(bc._key_pem(key))
-    cfg = write_broker_config(open_dir / "cfg", ["pi-001"], fleet=FLEET, port=_free_port(), bind="127.0.0.1",
+    cfg = write_broker_config(open_dir / "cfg", ["pi-001"], fleet=FLEET, port=free_port(), bind="127.0.0.1",
                               tls_cert=mine / "server.pem", tls_key=mine / "server.key", ca=mine / "ca.pem")
     assert cfg.own_certificate and not (cfg.out_dir / "ca" / "ca.key").exists()
     assert (cfg.out_dir / "devices" / "pi-001" / "ca.crt").read_bytes() == (mine / "ca.pem").read_bytes()
-    b = Broker(cfg)
-    try:
-        c = Client(b.port, "pi-001", cfg.password("pi-001"), ca=mine / "ca.pem")
-        assert not c.connect().is_failure
-        c.close()
-    finally:
-        b.stop()
+    b = make_mosquitto(config_path=cfg.out_dir)
+    c = Client(b.port, "pi-001", cfg.password("pi-001"), ca=mine / "ca.pem")
+    assert not c.connect().is_failure
+    c.close()
     # a key that is not the certificate's is refused before anything is written
     other_key, _ = bc._make_server_cert(ca_key, ca_cert, ["localhost"])
     (mine / "wrong.key").write_bytes(bc._key_pem(other_key))

@@ -142,19 +142,6 @@ def _cli(*args, timeout=60):
                           text=True, timeout=timeout)
 
 
-@pytest.fixture
-def open_dir():
-    """A directory Mosquitto can still read after it drops root to its own user (tmp_path is 0700)."""
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    d = Path(tempfile.mkdtemp(prefix="edgesplit-verb-"))
-    d.chmod(0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
 def test_broker_config_then_run_it_with_tls(open_dir, tmp_path):
     if mosquitto_binary() is None:
         pytest.skip("the mosquitto binary is not installed: sudo apt-get install mosquitto")

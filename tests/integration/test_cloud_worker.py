@@ -8,7 +8,6 @@ from __future__ import annotations
 import collections
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -149,53 +148,15 @@ def test_worker_answers_good_frames_and_dead_letters_bad_ones(broker, cloud_bund
         worker.stop()
 
 
-class CloudProcess:
-    """`edgesplit cloud` as a user runs it; stderr is read as it comes to know when workers are ready."""
-
-    def __init__(self, url, bundle_root, *extra):
-        self.proc = subprocess.Popen([sys.executable, "-m", "edgesplit", "cloud", "--bundle", str(bundle_root),
-                                      "--broker", url, "--stats-every", "0", *extra],
-                                     cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.err: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        for line in self.proc.stderr:
-            self.err.append(line)
-
-    def wait_ready(self, n_workers=1, timeout=120):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if sum("ready on" in line for line in self.err) >= n_workers:
-                return
-            assert self.proc.poll() is None, "".join(self.err)
-            time.sleep(0.1)
-        raise AssertionError("workers not ready:\n" + "".join(self.err))
-
-    def terminate(self, timeout=120) -> str:
-        self.proc.send_signal(signal.SIGTERM)
-        out = self.proc.stdout.read()
-        self.proc.wait(timeout)
-        self._reader.join(10)
-        assert self.proc.returncode == 0, "".join(self.err)
-        return out
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
 def _total(summary: str) -> dict:
     m = re.search(r"total: received (\d+), answered (\d+), dead-lettered (\d+)", summary)
     assert m, summary
     return dict(zip(("received", "answered", "dead_lettered"), map(int, m.groups())))
 
 
-def test_sigterm_drains_in_flight_work_and_exits_0(mosquitto_broker, cloud_bundle):
+def test_sigterm_drains_in_flight_work_and_exits_0(mosquitto_broker, cloud_bundle, cloud_command):
     b = cloud_bundle
-    cloud = CloudProcess(mosquitto_broker.url, b.root, "--max-wait-ms", "5")
+    cloud = cloud_command(mosquitto_broker.url, b.root, "--max-wait-ms", "5", json=False)
     dev = Device(mosquitto_broker.url)
     try:
         cloud.wait_ready()
@@ -203,7 +164,7 @@ def test_sigterm_drains_in_flight_work_and_exits_0(mosquitto_broker, cloud_bundl
         for f in frames:
             dev.send(encode_frame(f))
         assert dev.wait(results=20, timeout=60)    # mid-stream
-        out = cloud.terminate()
+        out = cloud.stop()
         total = _total(out)
         assert total["answered"] == total["received"] > 0, f"frames received but not answered:\n{out}"
         time.sleep(1.0)
@@ -215,9 +176,9 @@ def test_sigterm_drains_in_flight_work_and_exits_0(mosquitto_broker, cloud_bundl
         dev.client.stop()
 
 
-def test_two_worker_processes_split_the_load(broker, cloud_bundle):
+def test_two_worker_processes_split_the_load(broker, cloud_bundle, cloud_command):
     b = cloud_bundle
-    cloud = CloudProcess(broker.url, b.root, "--workers", "2", "--group", "pair")
+    cloud = cloud_command(broker.url, b.root, "--workers", "2", "--group", "pair", json=False)
     dev = Device(broker.url)
     try:
         cloud.wait_ready(n_workers=2)
@@ -228,7 +189,7 @@ def test_two_worker_processes_split_the_load(broker, cloud_bundle):
         time.sleep(0.5)
         ids = sorted(r.request_id for r in dev.results)
         assert ids == [f.request_id for f in frames], "lost or duplicated answers"
-        out = cloud.terminate()
+        out = cloud.stop()
         per = [int(m) for m in re.findall(r"worker \d+: received \d+, answered (\d+)", out)]
         assert len(per) == 2 and sum(per) == len(frames), out
         assert min(per) > 0, f"one worker did all the work: {per}"
@@ -238,10 +199,8 @@ def test_two_worker_processes_split_the_load(broker, cloud_bundle):
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_refused_credentials_exit_78_with_one_message(make_mosquitto, tmp_path, cloud_bundle, workers):
-    pw = tmp_path / "passwd"
-    subprocess.run(["mosquitto_passwd", "-b", "-c", str(pw), "cloud", "right"], check=True, capture_output=True)
-    b = make_mosquitto(f"password_file {pw}", anonymous=False)
+def test_refused_credentials_exit_78_with_one_message(make_mosquitto, cloud_bundle, workers):
+    b = make_mosquitto(users={"cloud": "right"})
     url = b.url.replace("mqtt://", "mqtt://cloud:wrong@")
     proc = subprocess.run([sys.executable, "-m", "edgesplit", "cloud", "--bundle", str(cloud_bundle.root),
                            "--broker", url, "--workers", str(workers)],

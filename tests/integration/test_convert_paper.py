@@ -14,16 +14,11 @@ pytestmark = pytest.mark.slow
 keras = pytest.importorskip("keras")
 from ai_edge_litert.interpreter import Interpreter  # noqa: E402
 
-from converter import bundle, cuts, zoo  # noqa: E402
+from converter import bundle, cuts  # noqa: E402
 from protocol import manifest as mf  # noqa: E402
 
 # bytes sent per image at int8, from the issue
 PAPER_CUTS = {"conv1": 25088, "pool1": 6272, "conv2": 12544, "pool2": 3136, "dense1": 1024, "dense2": 10}
-
-
-@pytest.fixture(scope="module")
-def paper():
-    return zoo.load_model("paper-cnn")
 
 
 def _head_output(path):
@@ -32,12 +27,10 @@ def _head_output(path):
     return it.get_output_details()[0]
 
 
-def test_cli_convert_paper_cnn_pool2_int8(tmp_path, capsys):
-    from edgesplit.cli import main
-
-    assert main(["convert", "paper-cnn", "--cut", "pool2", "--quant", "int8", "--out", str(tmp_path / "pool2")]) == 0
-    printed = capsys.readouterr().out
-    b = mf.load_bundle(tmp_path / "pool2.tar.gz")  # verifies every sha256
+def test_cli_convert_paper_cnn_pool2_int8(paper_pool2_cli):
+    assert paper_pool2_cli.code == 0
+    printed = paper_pool2_cli.printed
+    b = mf.load_bundle(paper_pool2_cli.out.with_name("pool2.tar.gz"))  # verifies every sha256
     for name, digest in b.manifest.files.items():
         assert mf.sha256_file(b.root / name) == digest
     m = b.manifest
@@ -51,13 +44,13 @@ def test_cli_convert_paper_cnn_pool2_int8(tmp_path, capsys):
     assert m.bundle_id in printed and "PASSED" in printed
 
 
-def test_paper_cuts_are_the_six_layers(paper):
-    assert [c.name for c in cuts.list_cuts(paper)] == list(PAPER_CUTS)
+def test_paper_cuts_are_the_six_layers(paper_model):
+    assert [c.name for c in cuts.list_cuts(paper_model)] == list(PAPER_CUTS)
 
 
 @pytest.mark.parametrize("cut", list(PAPER_CUTS))
-def test_every_paper_cut_converts_to_int8_and_agrees(cut, paper, tmp_path):
-    result = bundle.convert(paper, cut=cut, quant="int8", out=tmp_path / cut, name="paper-cnn", progress=False)
+def test_every_paper_cut_converts_to_int8_and_agrees(cut, paper_model, tmp_path):
+    result = bundle.convert(paper_model, cut=cut, quant="int8", out=tmp_path / cut, name="paper-cnn", progress=False)
     m = result.manifest
     assert m.feature.dtype == "int8" and m.feature.nbytes == PAPER_CUTS[cut]
     assert np.dtype(_head_output(mf.load_bundle(result.tarball).head_path)["dtype"]) == np.int8

@@ -6,13 +6,10 @@ device in an interpreter where TensorFlow cannot be imported, as on a Pi.
 from __future__ import annotations
 
 import json
-import os
 import queue
 import signal
 import subprocess
 import sys
-import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -28,46 +25,16 @@ from protocol.errors import ConfigError
 from protocol.manifest import load_bundle
 from protocol.mqtt import MqttClient
 
-ROOT = Path(__file__).resolve().parents[2]
+from fixtures_models import BLOCKED_CLI, blocked_env
 
 pytestmark = pytest.mark.timeout(300)
 
-# An interpreter without TensorFlow: the import raises, and every attempt is written out at exit.
-BLOCKER = textwrap.dedent("""
-    import atexit, importlib.abc, json, os, sys
-
-    ATTEMPTS = []
-
-    class _Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("tensorflow", "keras"):
-                ATTEMPTS.append(name)
-                raise ImportError(f"{name} is not available on this device (blocked by the test)")
-            return None
-
-    sys.meta_path.insert(0, _Block())
-
-    @atexit.register
-    def _report():
-        with open(os.environ["BLOCK_REPORT"], "w") as f:
-            json.dump({"attempts": ATTEMPTS,
-                       "interpreter": [m for m in ("ai_edge_litert", "tflite_runtime") if m in sys.modules]}, f)
-""")
-DEVICE_MAIN = "import _block_tf, sys\nfrom edgesplit.cli import main\nsys.exit(main(sys.argv[1:]))"
 
 
 # --------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def bundle_dir() -> Path:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from unit.test_device_runtime import tiny_artifacts
-
-    return tiny_artifacts() / "bundle"
-
-
-@pytest.fixture(scope="module")
-def images(bundle_dir, tmp_path_factory):
+def images(tiny_bundle_dir, tmp_path_factory):
     """120 MNIST-like PNGs and the label the split model gives each (computed here, locally)."""
     from converter import datasets
 
@@ -76,7 +43,7 @@ def images(bundle_dir, tmp_path_factory):
     k = np.round(x[..., 0] * 255).astype(np.uint8)
     for i, img in enumerate(k):
         Image.fromarray(img, "L").save(folder / f"{i:04d}.png")
-    return folder, expected_labels(bundle_dir, sorted(folder.glob("*.png")))
+    return folder, expected_labels(tiny_bundle_dir, sorted(folder.glob("*.png")))
 
 
 def expected_labels(bundle_dir: Path, paths) -> dict[str, int]:
@@ -126,57 +93,22 @@ def retained_status(url: str, fleet: str, device: str) -> str | None:
         w.stop()
 
 
-def _env(tmp_path: Path) -> dict:
-    (tmp_path / "_block_tf.py").write_text(BLOCKER)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(ROOT)])
-    env["BLOCK_REPORT"] = str(tmp_path / "block-report.json")
-    env.pop("EDGESPLIT_INTERPRETER", None)
-    return env
-
-
 def start_device(tmp_path, *args, **popen):
-    return subprocess.Popen([sys.executable, "-c", DEVICE_MAIN, "device", "run", *map(str, args)],
-                            env=_env(tmp_path), cwd=tmp_path, text=True, **popen)
-
-
-@pytest.fixture
-def cloud_process(tmp_path):
-    """Start ``edgesplit cloud`` on a bundle and broker; wait until it says it is ready."""
-    procs = []
-
-    def start(bundle: Path, url: str):
-        log_path = tmp_path / f"cloud-{len(procs)}.log"
-        log = open(log_path, "w")
-        p = subprocess.Popen([sys.executable, "-m", "edgesplit", "cloud", "--bundle", str(bundle), "--broker", url,
-                              "--stats-every", "0"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, text=True)
-        procs.append(p)
-        deadline = time.monotonic() + 120
-        while "ready" not in log_path.read_text():
-            if p.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"the cloud worker did not start:\n{log_path.read_text()}")
-            time.sleep(0.1)
-        return p
-
-    yield start
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+    """``edgesplit device run ...`` where TensorFlow cannot be imported; what it tried is in block-report.json."""
+    return subprocess.Popen([sys.executable, "-c", BLOCKED_CLI, "device", "run", *map(str, args)],
+                            env=blocked_env(tmp_path, BLOCK_REPORT=str(tmp_path / "block-report.json")),
+                            cwd=tmp_path, text=True, **popen)
 
 
 # --------------------------------------------------------------------------- tests
 
-def test_device_and_cloud_processes_answer_every_image_once(broker, bundle_dir, images, cloud_process, tmp_path):
+def test_device_and_cloud_processes_answer_every_image_once(broker, tiny_bundle_dir, images, cloud_command, tmp_path):
     folder, expected = images
     fleet, device = "lab", "pi-01"
-    cloud_process(bundle_dir, broker.url)
+    cloud_command(broker.url, tiny_bundle_dir).wait_ready()
     watcher = StatusWatcher(broker.url, fleet, device)
     try:
-        dev = start_device(tmp_path, "--bundle", bundle_dir, "--broker", broker.url, "--device-id", device,
+        dev = start_device(tmp_path, "--bundle", tiny_bundle_dir, "--broker", broker.url, "--device-id", device,
                            "--fleet", fleet, "--timeout", 60, folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         out, err = dev.communicate(timeout=240)
         assert dev.returncode == 0, err
@@ -200,13 +132,13 @@ def test_device_and_cloud_processes_answer_every_image_once(broker, bundle_dir, 
         watcher.stop()
 
 
-def test_last_will_says_offline_after_kill_9(mosquitto_broker, bundle_dir, images, tmp_path):
+def test_last_will_says_offline_after_kill_9(mosquitto_broker, tiny_bundle_dir, images, tmp_path):
     folder, _ = images
     url = mosquitto_broker.url
     watcher = StatusWatcher(url, "lab", "pi-kill")
     try:
         # no cloud: the device waits for answers with a full window, online
-        dev = start_device(tmp_path, "--bundle", bundle_dir, "--broker", url, "--device-id", "pi-kill",
+        dev = start_device(tmp_path, "--bundle", tiny_bundle_dir, "--broker", url, "--device-id", "pi-kill",
                            "--fleet", "lab", "--timeout", 120, folder, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
         watcher.wait_for("online", timeout=60)
@@ -218,14 +150,14 @@ def test_last_will_says_offline_after_kill_9(mosquitto_broker, bundle_dir, image
         watcher.stop()
 
 
-def test_sigterm_is_a_clean_stop(mosquitto_broker, bundle_dir, images, tmp_path):
+def test_sigterm_is_a_clean_stop(mosquitto_broker, tiny_bundle_dir, images, tmp_path):
     folder, _ = images
     url = mosquitto_broker.url
     watcher = StatusWatcher(url, "lab", "pi-term")
     frames = []
     watcher.client.subscribe(topics.features("lab", "pi-term"), lambda t, p: frames.append(p))
     try:
-        dev = start_device(tmp_path, "--bundle", bundle_dir, "--broker", url, "--device-id", "pi-term",
+        dev = start_device(tmp_path, "--bundle", tiny_bundle_dir, "--broker", url, "--device-id", "pi-term",
                            "--fleet", "lab", "--timeout", 120, folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         watcher.wait_for("online", timeout=60)
         deadline = time.monotonic() + 60
@@ -245,17 +177,14 @@ def test_sigterm_is_a_clean_stop(mosquitto_broker, bundle_dir, images, tmp_path)
 
 
 @pytest.fixture
-def password_broker(make_mosquitto, tmp_path):
-    pw = tmp_path / "passwd"
-    subprocess.run(["mosquitto_passwd", "-b", "-c", str(pw), "pi-01", "s3cret"], check=True, capture_output=True)
-    os.chmod(pw, 0o600)
-    return make_mosquitto(f"password_file {pw}", anonymous=False)
+def password_broker(make_mosquitto):
+    return make_mosquitto(users={"pi-01": "s3cret"})
 
 
-def test_refused_credentials_exit_78_once(password_broker, bundle_dir, images, tmp_path):
+def test_refused_credentials_exit_78_once(password_broker, tiny_bundle_dir, images, tmp_path):
     folder, _ = images
     url = password_broker.url.replace("mqtt://", "mqtt://pi-01:wrong-pass@")
-    dev = start_device(tmp_path, "--bundle", bundle_dir, "--broker", url, "--device-id", "pi-01", folder,
+    dev = start_device(tmp_path, "--bundle", tiny_bundle_dir, "--broker", url, "--device-id", "pi-01", folder,
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = dev.communicate(timeout=120)
     assert dev.returncode == 78, err
@@ -264,135 +193,84 @@ def test_refused_credentials_exit_78_once(password_broker, bundle_dir, images, t
     assert out == ""
 
 
-def test_python_api_runs_arrays_and_matches_each_answer(broker, bundle_dir):
+def test_python_api_runs_arrays_and_matches_each_answer(broker, tiny_bundle, start_worker):
     """What the demo drives: 300 in-memory images, no files, every answer for its own request."""
-    from cloud.worker import run_worker
     from converter import datasets
 
     x, _ = datasets.synthetic_images(300, seed=11)
-    b = load_bundle(bundle_dir)
+    b = tiny_bundle
     want = Model(b.tail_path).run_float(b.feature.dequantize(Model(b.head_path).run(x))).argmax(axis=1)
 
-    stop, ready = threading.Event(), threading.Event()
-    cloud = threading.Thread(target=run_worker, args=([str(bundle_dir)], broker.url),
-                             kwargs=dict(stop=stop, ready=lambda w: ready.set(), stats_every=0), daemon=True)
-    cloud.start()
-    assert ready.wait(60)
-    try:
-        with DeviceAgent(bundle_dir, broker.url, "pi-api", fleet="lab", max_in_flight=16) as agent:
-            got = {}
-            for r in agent.run_arrays(x, ids=[f"img{i}" for i in range(len(x))]):
-                assert r.ok, r.error
-                assert r.input not in got
-                got[r.input] = r.index
-                assert agent.in_flight <= 16
-            single = agent.infer(x[5], name="again")
-        assert got == {f"img{i}": int(want[i]) for i in range(len(x))}
-        assert single.index == int(want[5]) and single.input == "again"
-        s = agent.stats
-        assert (s.requests, s.answered, s.timeouts, s.duplicates, s.bad_frames) == (301, 301, 0, 0, 0)
-        assert s.ok and "301/301 answered" in s.summary()
-    finally:
-        stop.set()
-        cloud.join(30)
+    start_worker(broker.url, b)
+    with DeviceAgent(b.root, broker.url, "pi-api", fleet="lab", max_in_flight=16) as agent:
+        got = {}
+        for r in agent.run_arrays(x, ids=[f"img{i}" for i in range(len(x))]):
+            assert r.ok, r.error
+            assert r.input not in got
+            got[r.input] = r.index
+            assert agent.in_flight <= 16
+        single = agent.infer(x[5], name="again")
+    assert got == {f"img{i}": int(want[i]) for i in range(len(x))}
+    assert single.index == int(want[5]) and single.input == "again"
+    s = agent.stats
+    assert (s.requests, s.answered, s.timeouts, s.duplicates, s.bad_frames) == (301, 301, 0, 0, 0)
+    assert s.ok and "301/301 answered" in s.summary()
 
 
-def test_no_answer_is_reported_as_a_timeout(mosquitto_broker, bundle_dir):
-    with DeviceAgent(bundle_dir, mosquitto_broker.url, "pi-lonely", timeout=1.0, resend_after=0.3) as agent:
+def test_no_answer_is_reported_as_a_timeout(mosquitto_broker, tiny_bundle_dir):
+    with DeviceAgent(tiny_bundle_dir, mosquitto_broker.url, "pi-lonely", timeout=1.0, resend_after=0.3) as agent:
         results = list(agent.run_arrays(np.zeros((3, 28, 28, 1), np.float32)))
     assert [r.error.split(":")[0] for r in results] == ["timeout"] * 3
     assert all(r.attempts >= 2 for r in results)      # re-sent while waiting
     assert agent.stats.timeouts == 3 and not agent.stats.ok
 
 
-def test_refused_credentials_raise_config_error_in_python(password_broker, bundle_dir):
-    agent = DeviceAgent(bundle_dir, password_broker.url, "pi-01", username="pi-01", password="nope")
+def test_refused_credentials_raise_config_error_in_python(password_broker, tiny_bundle_dir):
+    agent = DeviceAgent(tiny_bundle_dir, password_broker.url, "pi-01", username="pi-01", password="nope")
     with pytest.raises(ConfigError) as e:
         agent.start()
     assert e.value.exit_code == 78
     agent.stop()
 
 
-def test_signed_frames_are_answered_and_a_wrong_key_is_not(mosquitto_broker, bundle_dir, tmp_path):
-    from cloud.worker import run_worker
+def test_signed_frames_are_answered_and_a_wrong_key_is_not(mosquitto_broker, tiny_bundle, start_worker, tmp_path):
     from protocol import signing
 
     keys = tmp_path / "keys"
     good = signing.write_key(keys / "pi-signed.key")
     signing.write_key(keys / "pi-forged.key")
-    stop, ready = threading.Event(), threading.Event()
-    cloud = threading.Thread(target=run_worker, args=([str(bundle_dir)], mosquitto_broker.url),
-                             kwargs=dict(stop=stop, ready=lambda w: ready.set(), stats_every=0,
-                                         keys=signing.load_keys(keys)), daemon=True)
-    cloud.start()
-    assert ready.wait(60)
+    start_worker(mosquitto_broker.url, tiny_bundle, keys=signing.load_keys(keys))
     x = np.zeros((4, 28, 28, 1), np.float32)
-    try:
-        with DeviceAgent(bundle_dir, mosquitto_broker.url, "pi-signed", key=good) as agent:
-            assert all(r.ok for r in agent.run_arrays(x))
-        assert agent.stats.answered == 4 and agent.stats.bad_frames == 0
-        # a device signing with a key the cloud does not hold for it gets no answers (dead-lettered)
-        with DeviceAgent(bundle_dir, mosquitto_broker.url, "pi-forged", key=signing.generate_key(),
-                         timeout=2.0, resend_after=None) as agent:
-            results = list(agent.run_arrays(x))
-        assert [r.error.split(":")[0] for r in results] == ["timeout"] * 4
-    finally:
-        stop.set()
-        cloud.join(30)
+    with DeviceAgent(tiny_bundle.root, mosquitto_broker.url, "pi-signed", key=good) as agent:
+        assert all(r.ok for r in agent.run_arrays(x))
+    assert agent.stats.answered == 4 and agent.stats.bad_frames == 0
+    # a device signing with a key the cloud does not hold for it gets no answers (dead-lettered)
+    with DeviceAgent(tiny_bundle.root, mosquitto_broker.url, "pi-forged", key=signing.generate_key(),
+                     timeout=2.0, resend_after=None) as agent:
+        results = list(agent.run_arrays(x))
+    assert [r.error.split(":")[0] for r in results] == ["timeout"] * 4
 
 
-def test_device_with_generated_credentials_over_tls(bundle_dir, images, tmp_path):
+def test_device_with_generated_credentials_over_tls(tiny_bundle, images, open_dir, make_mosquitto, start_worker,
+                                                    tmp_path):
     """The production path: `edgesplit broker config` output, TLS, passwords, ACL; the device reads its
     credential directory, the cloud logs in as the cloud user."""
-    import shutil
-    import socket
-    import tempfile
     import urllib.parse
 
-    from cloud.worker import run_worker
-    from deploy.broker import mosquitto_binary
-    from deploy.broker_config import find_conf, write_broker_config
+    from deploy.broker import free_port
+    from deploy.broker_config import write_broker_config
 
-    if mosquitto_binary() is None:
-        pytest.skip("mosquitto is not installed")
     folder, expected = images
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    open_dir = Path(tempfile.mkdtemp(prefix="edgesplit-devtls-"))
-    open_dir.chmod(0o755)       # mosquitto drops root and must still read its files
+    port = free_port()
     cfg = write_broker_config(open_dir / "cfg", ["pi-001"], fleet="f1", port=port, bind="127.0.0.1")
-    log = open(open_dir / "mosquitto.log", "wb")
-    mosq = subprocess.Popen([mosquitto_binary(), "-c", str(find_conf(cfg.out_dir))], stdout=log,
-                            stderr=subprocess.STDOUT)
-    stop = threading.Event()
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and mosq.poll() is None, (open_dir / "mosquitto.log").read_text()
-                time.sleep(0.05)
-        cloud_dir = cfg.credentials_dir("cloud")
-        cloud_url = (f"mqtts://cloud:{urllib.parse.quote(cfg.password('cloud'), safe='')}@localhost:{port}"
-                     f"?ca={cloud_dir / 'ca.crt'}")
-        ready = threading.Event()
-        t = threading.Thread(target=run_worker, args=([str(bundle_dir)], cloud_url),
-                             kwargs=dict(stop=stop, ready=lambda w: ready.set(), stats_every=0), daemon=True)
-        t.start()
-        assert ready.wait(60)
-        dev = start_device(tmp_path, "--bundle", bundle_dir, "--credentials", cfg.credentials_dir("pi-001"),
-                           "--timeout", 60, folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        out, err = dev.communicate(timeout=240)
-        assert dev.returncode == 0, err
-        rows = [json.loads(line) for line in out.splitlines() if line.strip()]
-        assert {r["input"]: int(r["label"]) for r in rows} == expected
-        assert cfg.password("pi-001") not in out + err
-    finally:
-        stop.set()
-        mosq.terminate()
-        mosq.wait(10)
-        log.close()
-        shutil.rmtree(open_dir, ignore_errors=True)
+    make_mosquitto(config_path=cfg.out_dir)
+    cloud_dir = cfg.credentials_dir("cloud")
+    start_worker(f"mqtts://cloud:{urllib.parse.quote(cfg.password('cloud'), safe='')}@localhost:{port}"
+                 f"?ca={cloud_dir / 'ca.crt'}", tiny_bundle)
+    dev = start_device(tmp_path, "--bundle", tiny_bundle.root, "--credentials", cfg.credentials_dir("pi-001"),
+                       "--timeout", 60, folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = dev.communicate(timeout=240)
+    assert dev.returncode == 0, err
+    rows = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert {r["input"]: int(r["label"]) for r in rows} == expected
+    assert cfg.password("pi-001") not in out + err

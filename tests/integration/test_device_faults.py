@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -20,54 +19,25 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(400)
 
 
-@pytest.fixture(scope="module")
-def bundle_dir() -> Path:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from unit.test_device_runtime import tiny_artifacts
-
-    return tiny_artifacts() / "bundle"
-
-
-@pytest.fixture
-def cloud_thread(bundle_dir):
-    """A real cloud worker (cloud.worker.run_worker) in a thread of this process."""
-    from cloud.worker import run_worker
-
-    stops = []
-
-    def start(url: str):
-        stop, ready = threading.Event(), threading.Event()
-        t = threading.Thread(target=run_worker, args=([str(bundle_dir)], url),
-                             kwargs=dict(stop=stop, ready=lambda w: ready.set(), stats_every=0), daemon=True)
-        t.start()
-        assert ready.wait(60)
-        stops.append((stop, t))
-
-    yield start
-    for stop, t in stops:
-        stop.set()
-        t.join(30)
-
-
-def test_broker_killed_mid_stream_every_request_answered_once(mosquitto_broker, bundle_dir, cloud_thread):
+def test_broker_killed_mid_stream_every_request_answered_once(mosquitto_broker, tiny_bundle, start_worker):
     from converter import datasets
 
-    x, _ = datasets.synthetic_images(600, seed=5)
-    cloud_thread(mosquitto_broker.url)
+    x, _ = datasets.synthetic_images(2000, seed=5)      # issue 6: a 2,000-frame stream, broker killed mid-way
+    start_worker(mosquitto_broker.url, tiny_bundle)
     seen: dict[str, int] = {}
-    with DeviceAgent(bundle_dir, mosquitto_broker.url, "pi-fault", fleet="lab", timeout=120,
+    with DeviceAgent(tiny_bundle.root, mosquitto_broker.url, "pi-fault", fleet="lab", timeout=120,
                      resend_after=5.0) as agent:
         for r in agent.run_arrays(x, ids=[f"img{i}" for i in range(len(x))]):
             assert r.ok, r.error
             seen[r.input] = seen.get(r.input, 0) + 1
-            if len(seen) == 150:
+            if len(seen) == 1000:
                 mosquitto_broker.kill()          # SIGKILL: whatever it held in memory is gone
                 time.sleep(1.0)
                 mosquitto_broker.restart()
     assert sorted(seen) == sorted(f"img{i}" for i in range(len(x)))
     assert set(seen.values()) == {1}
     s = agent.stats
-    assert s.answered == s.requests == 600 and s.timeouts == 0
+    assert s.answered == s.requests == len(x) and s.timeouts == 0
     assert s.connects >= 2 and s.resends > 0
 
 
@@ -76,7 +46,7 @@ def _device(tmp_path, *args):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_device_killed_mid_stream_resends_its_outbox(mosquitto_broker, bundle_dir, cloud_thread, tmp_path):
+def test_device_killed_mid_stream_resends_its_outbox(mosquitto_broker, tiny_bundle, start_worker, tmp_path):
     from converter import datasets
     from PIL import Image
 
@@ -95,7 +65,7 @@ def test_device_killed_mid_stream_resends_its_outbox(mosquitto_broker, bundle_di
     assert spy.start(wait_connected=10)
 
     # run 1: no cloud yet, so requests pile up in the outbox; kill -9 once the window is full
-    common = ("--broker", url, "--device-id", "pi-box", "--fleet", "lab", "--bundle", bundle_dir,
+    common = ("--broker", url, "--device-id", "pi-box", "--fleet", "lab", "--bundle", tiny_bundle.root,
               "--outbox", outbox, "--timeout", 120)
     dev = _device(tmp_path, *common, folder)
     deadline = time.monotonic() + 90
@@ -107,7 +77,7 @@ def test_device_killed_mid_stream_resends_its_outbox(mosquitto_broker, bundle_di
     accepted = set(published)
 
     # run 2: the cloud is up; the device is restarted with no new input: the outbox is re-sent and answered
-    cloud_thread(url)
+    start_worker(url, tiny_bundle)
     dev = _device(tmp_path, *common)
     out, err = dev.communicate(timeout=180)
     assert dev.returncode == 0, err

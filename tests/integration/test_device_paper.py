@@ -3,10 +3,8 @@ import TensorFlow, a cloud process, a real Mosquitto; every answer equals the sp
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,54 +15,36 @@ from device.preprocess import Preprocessor
 from device.runtime import Model
 from protocol.manifest import load_bundle
 
+from fixtures_models import BLOCKED_CLI, blocked_env
+
 ROOT = Path(__file__).resolve().parents[2]
 N = 1000
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 
-@pytest.fixture(scope="module")
-def paper_bundle(paper_model, tmp_path_factory):
-    from converter import bundle
-
-    out = tmp_path_factory.mktemp("paper") / "bundle"
-    return bundle.convert(paper_model, cut="pool2", quant="int8", calibration=500, out=out, parity_n=2000,
-                          progress=False)
-
-
-def test_paper_cnn_device_process_without_tensorflow(mosquitto_broker, paper_bundle, mnist, tmp_path):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_device_agent import _env, DEVICE_MAIN
-
+def test_paper_cnn_device_process_without_tensorflow(mosquitto_broker, paper_pool2_cli, mnist, cloud_command,
+                                                    tmp_path):
     folder = tmp_path / "mnist"
     folder.mkdir()
     for i in range(N):
         k = np.round(np.asarray(mnist.x_test[i, ..., 0]) * 255).astype(np.uint8)
         Image.fromarray(k, "L").save(folder / f"{i:04d}.png")
-    b = load_bundle(paper_bundle.bundle_dir)
+    b = load_bundle(paper_pool2_cli.out)         # `edgesplit convert paper-cnn --cut pool2 --quant int8`
     paths = sorted(folder.glob("*.png"))
     x = Preprocessor(b.manifest.input).batch(paths)
     np.testing.assert_array_equal(x, np.asarray(mnist.x_test[:N]))   # the PNGs are the dataset
     local = Model(b.tail_path).run_float(b.feature.dequantize(Model(b.head_path).run(x))).argmax(axis=1)
 
-    log = open(tmp_path / "cloud.log", "w")
-    cloud = subprocess.Popen([sys.executable, "-m", "edgesplit", "cloud", "--bundle", str(b.root), "--broker",
-                              mosquitto_broker.url, "--stats-every", "0"], stdout=log, stderr=subprocess.STDOUT,
-                             cwd=ROOT)
-    try:
-        deadline = time.monotonic() + 120
-        while "ready" not in (tmp_path / "cloud.log").read_text():
-            assert cloud.poll() is None and time.monotonic() < deadline, (tmp_path / "cloud.log").read_text()
-            time.sleep(0.1)
-        dev = subprocess.Popen([sys.executable, "-c", DEVICE_MAIN, "device", "run", "--bundle", str(b.root),
-                                "--broker", mosquitto_broker.url, "--device-id", "pi-paper", "--timeout", "120",
-                                str(folder)], env=_env(tmp_path), cwd=tmp_path, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        out, err = dev.communicate(timeout=1200)
-        assert dev.returncode == 0, err
-    finally:
-        cloud.send_signal(signal.SIGTERM)
-        cloud.wait(60)
+    cloud = cloud_command(mosquitto_broker.url, b.root, json=False)
+    cloud.wait_ready()
+    dev = subprocess.run([sys.executable, "-c", BLOCKED_CLI, "device", "run", "--bundle", str(b.root),
+                          "--broker", mosquitto_broker.url, "--device-id", "pi-paper", "--timeout", "120",
+                          str(folder)], env=blocked_env(tmp_path, BLOCK_REPORT=str(tmp_path / "block-report.json")),
+                         cwd=tmp_path, text=True, capture_output=True, timeout=1200)
+    out, err = dev.stdout, dev.stderr
+    assert dev.returncode == 0, err
+    cloud.stop()
     rows = [json.loads(line) for line in out.splitlines() if line.strip()]
     assert len(rows) == N and len({r["request_id"] for r in rows}) == N
     got = {r["input"]: int(r["label"]) for r in rows}

@@ -7,7 +7,6 @@ doctor and service are run against a real Mosquitto and cloud worker.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,41 +22,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
-
-_CONVERT = """
-import os, sys
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-from converter import bundle, datasets, zoo
-x, y = datasets.synthetic_images(200, seed=1)
-xt, yt = datasets.synthetic_images(100, seed=2)
-bundle.convert(zoo.build_tiny_cnn(), "pool2", "int8", calibration=50, out=sys.argv[1], parity_n=50,
-               data=datasets.Mnist(x, y, xt, yt), progress=False, min_agreement=0.0)
-"""
-
-
-@pytest.fixture(scope="module")
-def bundle(request) -> Path:
-    """A tiny CNN cut at pool2 by the real converter (in a subprocess: no TensorFlow here), cached on disk."""
-    from protocol.manifest import load_bundle
-
-    cache = Path(request.config.cache.mkdir("edgesplit-tiny-bundle"))
-    h = hashlib.sha256()
-    for f in sorted((ROOT / "converter").glob("*.py")) + [ROOT / "protocol" / "manifest.py"]:
-        h.update(f.read_bytes())
-    root = cache / f"tiny-pool2-{h.hexdigest()[:12]}"
-    try:
-        load_bundle(root)
-        return root
-    except Exception:
-        pass
-    tmp = cache / f".tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    subprocess.run([sys.executable, "-c", _CONVERT, str(tmp / "b")], cwd=ROOT, check=True, timeout=900)
-    shutil.rmtree(root, ignore_errors=True)
-    os.replace(tmp / "b", root)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return root
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow, pytest.mark.usefixtures("one_wheel_build")]
 
 
 def _no_network_prefix() -> list[str]:
@@ -73,13 +38,14 @@ def _base_python() -> str:
     return base if os.path.exists(base) else shutil.which("python3")
 
 
-def test_install_offline_from_the_tarball_alone_then_doctor_and_service_work(mosquitto_broker, bundle, tmp_path):
+def test_install_offline_from_the_tarball_alone_then_doctor_and_service_work(mosquitto_broker, tiny_bundle_dir,
+                                                                              tmp_path):
     from cloud import Registry, Worker
     from deploy.device_package import build_device_package
     from PIL import Image
 
-    pkg = build_device_package(bundle, tmp_path / "pi.tar.gz", broker=mosquitto_broker.url, device_id="pi-local",
-                               fleet="lab", offline_wheels=True, wheel_platform="native")
+    pkg = build_device_package(tiny_bundle_dir, tmp_path / "pi.tar.gz", broker=mosquitto_broker.url,
+                               device_id="pi-local", fleet="lab", offline_wheels=True, wheel_platform="native")
     assert pkg.offline and any(w.startswith("ai_edge_litert-") for w in pkg.wheels)
     assert any(w.startswith("numpy-") for w in pkg.wheels) and any(w.startswith("paho_mqtt-") for w in pkg.wheels)
 
@@ -129,7 +95,7 @@ def test_install_offline_from_the_tarball_alone_then_doctor_and_service_work(mos
     assert "MQTT connect accepted" in doc.stdout
 
     # the installed service answers images dropped into its inbox
-    worker = Worker(Registry.load([bundle]), mosquitto_broker.url, fleet="lab")
+    worker = Worker(Registry.load([tiny_bundle_dir]), mosquitto_broker.url, fleet="lab")
     assert worker.start(wait_connected=10)
     inbox = prefix / "var/lib/edgesplit/inbox"
     rng = np.random.default_rng(1)
@@ -160,10 +126,11 @@ def test_install_offline_from_the_tarball_alone_then_doctor_and_service_work(mos
     assert "-m venv" not in proc.stdout and "offline install" in proc.stdout
 
 
-def test_install_refuses_a_damaged_package_and_wheels_for_another_python(bundle, tmp_path):
+def test_install_refuses_a_damaged_package_and_wheels_for_another_python(tiny_bundle_dir, tmp_path):
     from deploy.device_package import build_device_package
 
-    pkg = build_device_package(bundle, tmp_path / "pi.tar.gz", broker="mqtt://127.0.0.1:1883", device_id="pi-x")
+    pkg = build_device_package(tiny_bundle_dir, tmp_path / "pi.tar.gz", broker="mqtt://127.0.0.1:1883",
+                               device_id="pi-x")
     with tarfile.open(pkg.path) as tar:
         tar.extractall(tmp_path / "d", filter="data")
     top = tmp_path / "d" / pkg.folder
@@ -195,12 +162,12 @@ def test_install_refuses_a_damaged_package_and_wheels_for_another_python(bundle,
     assert "wheels in this package are for Python 3.11 on aarch64" in proc.stderr and "--online" in proc.stderr
 
 
-def test_pi_package_ships_aarch64_wheels_that_resolve_offline_with_apts_numpy(bundle, tmp_path):
+def test_pi_package_ships_aarch64_wheels_that_resolve_offline_with_apts_numpy(tiny_bundle_dir, tmp_path):
     """The real target: 64-bit Raspberry Pi OS Bookworm, Python 3.11. No Pi here, so pip itself checks that the
     shipped wheelhouse alone satisfies everything for that platform, with apt's numpy pinned."""
     from deploy.device_package import APT_NUMPY, build_device_package, platform_tags
 
-    pkg = build_device_package(bundle, tmp_path / "pi.tar.gz", broker="mqtts://broker.example.org:8883",
+    pkg = build_device_package(tiny_bundle_dir, tmp_path / "pi.tar.gz", broker="mqtts://broker.example.org:8883",
                                device_id="pi-arm", offline_wheels=True)          # aarch64, 3.11: the defaults
     assert (pkg.wheel_platform, pkg.python_version, pkg.interpreter) == ("aarch64", "3.11", "ai-edge-litert")
     deps = [w for w in pkg.wheels if not w.startswith("edgesplit-")]

@@ -2,7 +2,6 @@
 a real cloud worker and a real bundle: sd_notify, watched folder, status, exit codes, recovery."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,58 +23,11 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(600)
 FLEET = "lab"
 
-_CONVERT = """
-import os, sys
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-from converter import bundle, datasets, zoo
-x, y = datasets.synthetic_images(200, seed=1)
-xt, yt = datasets.synthetic_images(100, seed=2)
-bundle.convert(zoo.build_tiny_cnn(), "pool2", "int8", calibration=50, out=sys.argv[1], parity_n=50,
-               data=datasets.Mnist(x, y, xt, yt), progress=False, min_agreement=0.0)
-"""
-
-
-@pytest.fixture(scope="module")
-def bundle(request) -> Path:
-    """A tiny CNN cut at pool2 by the real converter (in a subprocess: no TensorFlow here), cached on disk."""
-    from protocol.manifest import load_bundle
-
-    cache = Path(request.config.cache.mkdir("edgesplit-tiny-bundle"))
-    h = hashlib.sha256()
-    for f in sorted((ROOT / "converter").glob("*.py")) + [ROOT / "protocol" / "manifest.py"]:
-        h.update(f.read_bytes())
-    root = cache / f"tiny-pool2-{h.hexdigest()[:12]}"
-    try:
-        load_bundle(root)
-        return root
-    except Exception:
-        pass
-    tmp = cache / f".tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    subprocess.run([sys.executable, "-c", _CONVERT, str(tmp / "b")], cwd=ROOT, check=True, timeout=900)
-    shutil.rmtree(root, ignore_errors=True)
-    os.replace(tmp / "b", root)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return root
-
 
 @pytest.fixture
-def cloud(bundle):
-    """A real cloud worker (started by the test when it wants one)."""
-    from cloud import Registry, Worker
-    from protocol.mqtt import Backoff
-
-    workers = []
-
-    def start(url):
-        w = Worker(Registry.load([bundle]), url, fleet=FLEET, backoff=Backoff(0.1, 0.5))
-        assert w.start(wait_connected=10)
-        workers.append(w)
-        return w
-
-    yield start
-    for w in workers:
-        w.stop(drain_timeout=2)
+def cloud(tiny_bundle, start_worker):
+    """``cloud(url)``: a real cloud worker in this process (started by the test when it wants one)."""
+    return lambda url: start_worker(url, tiny_bundle, fleet=FLEET)
 
 
 def write_images(folder: Path, n: int, start: int = 0) -> list[Path]:
@@ -190,11 +142,12 @@ def base_config(tmp: Path, bundle: Path, url: str, device: str = "pi-001", **sec
     return cfg
 
 
-def test_watched_folder_images_are_answered_moved_and_logged(mosquitto_broker, cloud, bundle, tmp_path, services):
+def test_watched_folder_images_are_answered_moved_and_logged(mosquitto_broker, cloud, tiny_bundle_dir, tmp_path,
+                                                             services):
     cloud(mosquitto_broker.url)
     watcher, status = status_watcher(mosquitto_broker.url, "pi-001")
     try:
-        svc = Service(tmp_path, base_config(tmp_path, bundle, mosquitto_broker.url))
+        svc = Service(tmp_path, base_config(tmp_path, tiny_bundle_dir, mosquitto_broker.url))
         services.append(svc)
         svc.wait_for(lambda: svc.saw("READY=1"), 90, "READY=1")
         inbox = svc.state / "inbox"
@@ -233,17 +186,12 @@ def test_watched_folder_images_are_answered_moved_and_logged(mosquitto_broker, c
         watcher.stop()
 
 
-def test_refused_credentials_exit_78_and_never_report_ready(make_mosquitto, bundle, tmp_path, services):
-    from deploy.broker_config import hash_password
-
-    passwd = tmp_path / "passwd"
-    passwd.write_text(f"pi-001:{hash_password('right')}\n")
-    passwd.chmod(0o600)
-    broker = make_mosquitto(f"password_file {passwd}", anonymous=False)
+def test_refused_credentials_exit_78_and_never_report_ready(make_mosquitto, tiny_bundle_dir, tmp_path, services):
+    broker = make_mosquitto(users={"pi-001": "right"})
     creds = tmp_path / "creds"
     creds.mkdir()
     (creds / "password").write_text("wrong")
-    svc = Service(tmp_path, base_config(tmp_path, bundle, broker.url, broker={"credentials": str(creds)}))
+    svc = Service(tmp_path, base_config(tmp_path, tiny_bundle_dir, broker.url, broker={"credentials": str(creds)}))
     services.append(svc)
     assert svc.proc.wait(90) == 78, svc.output()
     assert not svc.saw("READY=1")
@@ -255,7 +203,7 @@ def test_refused_credentials_exit_78_and_never_report_ready(make_mosquitto, bund
     sd = tmp_path / "sd-creds"
     sd.mkdir()
     (sd / "broker-password").write_text("right")
-    ok = Service(tmp_path, base_config(tmp_path, bundle, broker.url, broker={"credentials": str(creds)}),
+    ok = Service(tmp_path, base_config(tmp_path, tiny_bundle_dir, broker.url, broker={"credentials": str(creds)}),
                  env={"CREDENTIALS_DIRECTORY": str(sd)})
     services.append(ok)
     ok.wait_for(lambda: ok.saw("READY=1"), 90, "READY=1")
@@ -264,8 +212,8 @@ def test_refused_credentials_exit_78_and_never_report_ready(make_mosquitto, bund
 
 
 @pytest.mark.parametrize("problem", ["config", "bundle"])
-def test_a_bad_config_or_bundle_exits_78(mosquitto_broker, bundle, tmp_path, services, problem):
-    cfg = base_config(tmp_path, bundle, mosquitto_broker.url)
+def test_a_bad_config_or_bundle_exits_78(mosquitto_broker, tiny_bundle_dir, tmp_path, services, problem):
+    cfg = base_config(tmp_path, tiny_bundle_dir, mosquitto_broker.url)
     if problem == "config":
         svc_dir = tmp_path
         conf = svc_dir / "device.toml"
@@ -278,7 +226,7 @@ def test_a_bad_config_or_bundle_exits_78(mosquitto_broker, bundle, tmp_path, ser
         assert "inputs.pol_interval" in proc.stderr and "did you mean `inputs.poll_interval`" in proc.stderr
         return
     bad = tmp_path / "bundle"
-    shutil.copytree(bundle, bad)
+    shutil.copytree(tiny_bundle_dir, bad)
     with open(bad / "head.tflite", "r+b") as f:
         f.seek(100)
         f.write(b"\0\0\0\0")
@@ -289,11 +237,11 @@ def test_a_bad_config_or_bundle_exits_78(mosquitto_broker, bundle, tmp_path, ser
     assert "head.tflite" in svc.output() and not svc.saw("READY=1")
 
 
-def test_a_broker_that_is_down_is_waited_for(make_mosquitto, cloud, bundle, tmp_path, services):
+def test_a_broker_that_is_down_is_waited_for(make_mosquitto, cloud, tiny_bundle_dir, tmp_path, services):
     broker = make_mosquitto()
     url = broker.url
     broker.stop()
-    svc = Service(tmp_path, base_config(tmp_path, bundle, url))
+    svc = Service(tmp_path, base_config(tmp_path, tiny_bundle_dir, url))
     services.append(svc)
     # READY once the head is loaded and the broker was asked: systemd must not kill a device whose broker is away
     svc.wait_for(lambda: svc.saw("READY=1"), 90, "READY=1")
@@ -316,9 +264,9 @@ def _outbox_count(path: Path) -> int:
         return 0
 
 
-def test_killed_service_resends_from_its_outbox_and_answers_each_image_once(mosquitto_broker, cloud, bundle,
+def test_killed_service_resends_from_its_outbox_and_answers_each_image_once(mosquitto_broker, cloud, tiny_bundle_dir,
                                                                             tmp_path, services):
-    cfg = base_config(tmp_path, bundle, mosquitto_broker.url)
+    cfg = base_config(tmp_path, tiny_bundle_dir, mosquitto_broker.url)
     svc = Service(tmp_path, cfg)
     services.append(svc)
     svc.wait_for(lambda: svc.saw("READY=1"), 90, "READY=1")

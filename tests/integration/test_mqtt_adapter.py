@@ -175,12 +175,8 @@ def test_clean_stop_does_not_fire_the_will(mosquitto_broker, topic_root):
 
 
 @pytest.fixture
-def password_broker(make_mosquitto, tmp_path):
-    pw = tmp_path / "passwd"
-    subprocess.run(["mosquitto_passwd", "-b", "-c", str(pw), "dev1", "s3cret"], check=True,
-                   capture_output=True)
-    os.chmod(pw, 0o600)
-    return make_mosquitto(f"password_file {pw}", anonymous=False)
+def password_broker(make_mosquitto):
+    return make_mosquitto(users={"dev1": "s3cret"})
 
 
 @pytest.mark.parametrize("creds", [("dev1", "wrong"), ("nobody", "x"), (None, None)],

@@ -1,7 +1,6 @@
 """`edgesplit bundle device`: what is inside the tarball a user copies to a Raspberry Pi."""
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import stat
@@ -15,45 +14,10 @@ import pytest
 
 from protocol.errors import UsageError
 
+from fixtures_models import unit_keys
+
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.timeout(600)
-
-_CONVERT = """
-import os, sys
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-from converter import bundle, datasets, zoo
-x, y = datasets.synthetic_images(200, seed=1)
-xt, yt = datasets.synthetic_images(100, seed=2)
-bundle.convert(zoo.build_tiny_cnn(), "pool2", "int8", calibration=50, out=sys.argv[1], parity_n=50,
-               data=datasets.Mnist(x, y, xt, yt), progress=False, min_agreement=0.0)
-"""
-
-
-def tiny_bundle(cache_dir: Path) -> Path:
-    """A tiny CNN cut at pool2 by the real converter, in a subprocess (no TensorFlow here), cached on disk."""
-    from protocol.manifest import load_bundle
-
-    h = hashlib.sha256()
-    for f in sorted((ROOT / "converter").glob("*.py")) + [ROOT / "protocol" / "manifest.py"]:
-        h.update(f.read_bytes())
-    root = cache_dir / f"tiny-pool2-{h.hexdigest()[:12]}"
-    try:
-        load_bundle(root)
-        return root
-    except Exception:
-        pass
-    tmp = cache_dir / f".tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    subprocess.run([sys.executable, "-c", _CONVERT, str(tmp / "b")], cwd=ROOT, check=True, timeout=900)
-    shutil.rmtree(root, ignore_errors=True)
-    os.replace(tmp / "b", root)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return root
-
-
-@pytest.fixture(scope="module")
-def bundle(request):
-    return tiny_bundle(Path(request.config.cache.mkdir("edgesplit-tiny-bundle")))
+pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("one_wheel_build")]
 
 
 @pytest.fixture(scope="module")
@@ -76,30 +40,14 @@ def _extract(tarball: Path, dest: Path) -> Path:
     return dest / tops.pop()
 
 
-def _unit_keys(text: str) -> dict[str, list[str]]:
-    """systemd unit as {Section.Key: [values]} (keys may repeat, e.g. LoadCredential=)."""
-    keys: dict[str, list[str]] = {}
-    section = ""
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        if line.startswith("["):
-            section = line.strip("[]")
-            continue
-        k, _, v = line.partition("=")
-        keys.setdefault(f"{section}.{k.strip()}", []).append(v.strip())
-    return keys
-
-
-def test_package_holds_a_verifiable_bundle_config_credentials_unit_and_installer(bundle, broker_cfg, tmp_path):
+def test_package_holds_a_verifiable_bundle_config_credentials_unit_and_installer(tiny_bundle_dir, broker_cfg, tmp_path):
     from deploy.device_package import build_device_package
     from device.service import load_config
     from protocol.manifest import load_bundle
 
     creds = broker_cfg.credentials_dir("pi-001")
     out = tmp_path / "pi-001.tar.gz"
-    pkg = build_device_package(bundle, out, credentials=creds)
+    pkg = build_device_package(tiny_bundle_dir, out, credentials=creds)
     assert pkg.device_id == "pi-001" and pkg.fleet == "lab" and pkg.broker_url == broker_cfg.broker_url
     assert stat.S_IMODE(out.stat().st_mode) == 0o600, "the package holds a password: only its owner may read it"
     assert "pi-001" in pkg.summary() and "install.sh" in pkg.summary()
@@ -115,7 +63,7 @@ def test_package_holds_a_verifiable_bundle_config_credentials_unit_and_installer
     subprocess.run(["sha256sum", "--quiet", "-c", "SHA256SUMS"], cwd=top, check=True)
     # the bundle's own sha256s verify after extraction
     b = load_bundle(top / "bundle")
-    assert b.bundle_id == load_bundle(bundle).bundle_id
+    assert b.bundle_id == load_bundle(tiny_bundle_dir).bundle_id
 
     # credentials: exactly what `edgesplit broker config` wrote for this device, private
     assert (top / "credentials" / "password").read_bytes().strip() == broker_cfg.password("pi-001").encode()
@@ -131,7 +79,7 @@ def test_package_holds_a_verifiable_bundle_config_credentials_unit_and_installer
 
     # the systemd unit
     unit = (top / "systemd" / "edgesplit-device.service").read_text()
-    k = _unit_keys(unit)
+    k = unit_keys(unit)
     assert k["Service.Type"] == ["notify"]
     assert int(k["Service.WatchdogSec"][0]) > 0
     assert k["Service.Restart"] == ["on-failure"]
@@ -167,26 +115,26 @@ def test_package_holds_a_verifiable_bundle_config_credentials_unit_and_installer
     assert "EDGESPLIT_PKG_OFFLINE=0" in env and "EDGESPLIT_PKG_DEVICE_ID=pi-001" in env
 
 
-def test_password_in_the_url_goes_to_the_credentials_not_the_config(bundle, tmp_path):
+def test_password_in_the_url_goes_to_the_credentials_not_the_config(tiny_bundle_dir, tmp_path):
     from deploy.device_package import build_device_package
 
     out = tmp_path / "p.tar.gz"
-    pkg = build_device_package(bundle, out, broker="mqtt://cam-7:s3cret-pw@10.0.0.5:1883", device_id="cam-7",
+    pkg = build_device_package(tiny_bundle_dir, out, broker="mqtt://cam-7:s3cret-pw@10.0.0.5:1883", device_id="cam-7",
                                inputs=["/srv/images", "/var/lib/edgesplit/inbox"])
     top = _extract(out, tmp_path / "x")
     assert pkg.broker_url == "mqtt://10.0.0.5:1883"
     assert "s3cret-pw" not in (top / "device.toml").read_text()
     assert (top / "credentials" / "password").read_text() == "s3cret-pw"
-    k = _unit_keys((top / "systemd" / "edgesplit-device.service").read_text())
+    k = unit_keys((top / "systemd" / "edgesplit-device.service").read_text())
     assert k["Service.LoadCredential"] == ["broker-password:/etc/edgesplit/credentials/password"]
     # a watched folder outside the state directory must stay writable under ProtectSystem=strict
     assert k["Service.ReadWritePaths"] == ["-/srv/images"]
 
 
-def test_camera_input_asks_for_picamera2(bundle, tmp_path):
+def test_camera_input_asks_for_picamera2(tiny_bundle_dir, tmp_path):
     from deploy.device_package import build_device_package
 
-    pkg = build_device_package(bundle, tmp_path / "c.tar.gz", broker="mqtt://broker:1883", device_id="cam-1",
+    pkg = build_device_package(tiny_bundle_dir, tmp_path / "c.tar.gz", broker="mqtt://broker:1883", device_id="cam-1",
                                inputs=["camera"])
     top = _extract(tmp_path / "c.tar.gz", tmp_path / "x")
     assert pkg.camera and "EDGESPLIT_PKG_CAMERA=1" in (top / "package.env").read_text()
@@ -199,53 +147,54 @@ def test_camera_input_asks_for_picamera2(bundle, tmp_path):
     (dict(broker="mqtt://b:1883", device_id="bad/id"), "device id"),
     (dict(broker="mqtt://b:1883", device_id="pi-1", inputs=["images"]), "relative"),
 ])
-def test_bad_requests_are_refused_with_a_fix(bundle, tmp_path, kwargs, words):
+def test_bad_requests_are_refused_with_a_fix(tiny_bundle_dir, tmp_path, kwargs, words):
     from deploy.device_package import build_device_package
     from protocol.errors import EdgesplitError
 
     with pytest.raises(EdgesplitError) as e:
-        build_device_package(bundle, tmp_path / "p.tar.gz", **kwargs)
+        build_device_package(tiny_bundle_dir, tmp_path / "p.tar.gz", **kwargs)
     assert words in str(e.value) and e.value.fix
     assert not (tmp_path / "p.tar.gz").exists()
 
 
-def test_credentials_of_another_device_are_refused(bundle, broker_cfg, tmp_path):
+def test_credentials_of_another_device_are_refused(tiny_bundle_dir, broker_cfg, tmp_path):
     from deploy.device_package import build_device_package
 
     with pytest.raises(UsageError, match="pi-002"):
-        build_device_package(bundle, tmp_path / "p.tar.gz", credentials=broker_cfg.credentials_dir("pi-002"),
+        build_device_package(tiny_bundle_dir, tmp_path / "p.tar.gz", credentials=broker_cfg.credentials_dir("pi-002"),
                              device_id="pi-001")
     # the broker config's --out directory plus a device id finds the device's folder
-    pkg = build_device_package(bundle, tmp_path / "p.tar.gz", credentials=broker_cfg.out_dir, device_id="pi-002")
+    pkg = build_device_package(tiny_bundle_dir, tmp_path / "p.tar.gz", credentials=broker_cfg.out_dir,
+                               device_id="pi-002")
     assert pkg.credentials == ("ca.crt", "password")
 
 
-def test_a_config_file_is_validated_and_kept(bundle, tmp_path):
+def test_a_config_file_is_validated_and_kept(tiny_bundle_dir, tmp_path):
     from deploy.device_package import build_device_package
     from device.service import load_config
 
     conf = tmp_path / "device.toml"
     conf.write_text('device_id = "pi-9"\nfleet = "yard"\nbundle = "b"\n[broker]\nurl = "mqtt://b:1883"\n'
                     '[agent]\nbatch = 4\nmax_in_flight = 8\n')
-    build_device_package(bundle, tmp_path / "p.tar.gz", config=conf)
+    build_device_package(tiny_bundle_dir, tmp_path / "p.tar.gz", config=conf)
     cfg = load_config(_extract(tmp_path / "p.tar.gz", tmp_path / "x") / "device.toml")
     assert (cfg.device_id, cfg.fleet, cfg.batch, cfg.max_in_flight) == ("pi-9", "yard", 4, 8)
     assert str(cfg.bundle) == "/opt/edgesplit/bundle"
 
     conf.write_text('device_id = "pi-9"\nbundle = "b"\n[broker]\nurl = "mqtt://b:1883"\nusrname = "x"\n')
     with pytest.raises(Exception) as e:
-        build_device_package(bundle, tmp_path / "q.tar.gz", config=conf)
+        build_device_package(tiny_bundle_dir, tmp_path / "q.tar.gz", config=conf)
     assert "broker.usrname" in str(e.value) and "did you mean `broker.username`" in str(e.value)
 
 
-def test_the_command_line(bundle, broker_cfg, tmp_path):
+def test_the_command_line(tiny_bundle_dir, broker_cfg, tmp_path):
     out = tmp_path / "cli.tar.gz"
-    proc = subprocess.run([sys.executable, "-m", "edgesplit", "bundle", "device", "--bundle", str(bundle),
+    proc = subprocess.run([sys.executable, "-m", "edgesplit", "bundle", "device", "--bundle", str(tiny_bundle_dir),
                            "--out", str(out), "--credentials", str(broker_cfg.credentials_dir("pi-002"))],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "device package" in proc.stdout and "pi-002" in proc.stdout and out.is_file()
-    proc = subprocess.run([sys.executable, "-m", "edgesplit", "bundle", "device", "--bundle", str(bundle),
+    proc = subprocess.run([sys.executable, "-m", "edgesplit", "bundle", "device", "--bundle", str(tiny_bundle_dir),
                            "--out", str(tmp_path / "x.tar.gz"), "--broker", "mqtt://b:1883"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "no device id" in proc.stderr and "fix:" in proc.stderr

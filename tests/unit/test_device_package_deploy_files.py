@@ -8,23 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from fixtures_models import unit_keys
+
 yaml = pytest.importorskip("yaml")
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-
-
-def _unit_keys(text: str) -> dict[str, list[str]]:
-    keys: dict[str, list[str]] = {}
-    section = ""
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        if line.startswith("["):
-            section = line.strip("[]")
-            continue
-        k, _, v = line.partition("=")
-        keys.setdefault(f"{section}.{k.strip()}", []).append(v.strip())
-    return keys
 
 
 def test_compose_file_runs_mosquitto_with_the_generated_config_and_the_cloud_workers():
@@ -57,7 +44,7 @@ def test_compose_file_runs_mosquitto_with_the_generated_config_and_the_cloud_wor
 @pytest.mark.parametrize("name", ["edgesplit-cloud.service", "mosquitto.service", "edgesplit-device.service"])
 def test_units_have_what_systemd_needs(name):
     text = (DEPLOY / "templates" / name).read_text()
-    k = _unit_keys(text)
+    k = unit_keys(text)
     assert k["Service.Restart"] == ["on-failure"]
     assert k["Service.NoNewPrivileges"] == ["yes"] and k["Service.ProtectSystem"] == ["strict"]
     assert k["Install.WantedBy"] == ["multi-user.target"]

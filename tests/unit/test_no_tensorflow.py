@@ -8,7 +8,6 @@ else), and which records every attempt, so an import hidden behind
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -16,32 +15,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-BLOCKER = textwrap.dedent("""
-    import importlib.abc, os, sys
-
-    BLOCKED = tuple(n for n in os.environ.get("BLOCK_MODULES", "tensorflow,keras").split(",") if n)
-    ATTEMPTS = []
-
-    class _Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in BLOCKED:
-                ATTEMPTS.append(name)
-                raise ImportError(f"{name} is not available on this device (blocked by the test)")
-            return None
-
-    sys.meta_path.insert(0, _Block())
-""")
+from fixtures_models import blocked_env
 
 
 def run_blocked(tmp_path: Path, code: str, *, block: str = "tensorflow,keras", env_extra=None, args=()):
-    (tmp_path / "_block_tf.py").write_text(BLOCKER)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(ROOT)])
-    env["BLOCK_MODULES"] = block
-    env.pop("EDGESPLIT_INTERPRETER", None)
-    env.update(env_extra or {})
+    """Run ``code`` in a fresh Python where importing any of ``block`` raises (see fixtures_models.BLOCKER)."""
+    env = blocked_env(tmp_path, block, **(env_extra or {}))
     prog = "import _block_tf\n" + textwrap.dedent(code)
     return subprocess.run([sys.executable, "-c", prog, *args], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
