@@ -483,7 +483,7 @@ def add_plan(sub):
     p.add_argument("--device-profile", default=None, metavar="FILE",
                    help="from `edgesplit profile` on the device (default: the report's timings)")
     p.add_argument("--cloud-profile", default=None, metavar="FILE",
-                   help="from `edgesplit profile --part tail` on the cloud machine")
+                   help="from `edgesplit profile` on the cloud machine (tail times; head + tail for raw images)")
     p.add_argument("--max-leakage", type=float, default=None, metavar="DB",
                    help="most leakage allowed: PSNR in dB of the strongest reconstruction attack (needs a report)")
     p.add_argument("--max-latency-ms", type=float, default=None, metavar="MS", help="most predicted latency allowed")

@@ -1,0 +1,320 @@
+"""``edgesplit profile``: time a bundle's head (and tail) with the real interpreter on *this* machine.
+
+Runs on the device itself (a Raspberry Pi has no TensorFlow, and none is imported
+here), so the planner (``edgesplit plan --device-profile FILE``) predicts with the
+device's own timings instead of the workstation's.  Run it on the cloud machine too
+(``--part tail`` or ``both``) for ``--cloud-profile``.
+
+Per bundle (one cut each; give several bundles for several cuts) it records:
+
+* head and tail latency of one input at a time (median, p95, mean, min over ``runs``
+  timed calls after a warm-up), on ``threads`` interpreter threads (default 1);
+* the feature tensor's bytes, the frame's bytes before compression (header + tensor),
+  and, when real inputs are given, the mean bytes of the frames as the agent sends
+  them (``compress="auto"``: zstd when it pays, which depends on the images);
+* the bytes of a result frame and of the raw input image as uint8 in a frame (what
+  "send the raw image to the cloud" costs).
+
+The head and tail of one bundle are the whole model, so head + tail is also the
+time of running everything on this machine.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from protocol.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "edgesplit.profile/1"
+PARTS = ("head", "tail", "both")
+_DEVICE_ID = "profile"
+
+
+def machine_info() -> dict:
+    """CPU, cores, memory, load and (on a Pi) the board model of this machine."""
+    found: dict = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip().lower()
+            if key in ("model name", "hardware") and key not in found:
+                found[key] = value.strip()
+    except OSError:
+        pass
+    cpu = found.get("model name") or found.get("hardware") or platform.processor() or ""
+    board = None
+    try:
+        board = Path("/proc/device-tree/model").read_text().strip("\x00\n ") or None
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gib = round(int(line.split()[1]) / 2**20, 1)
+                break
+    except OSError:
+        pass
+    try:
+        load = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        load = None
+    return {"hostname": platform.node(), "cpu": cpu, "board": board, "machine": platform.machine(),
+            "cores": os.cpu_count(), "memory_gib": mem_gib, "load_avg_1_5_15": load,
+            "os": platform.platform(terse=True), "python": platform.python_version()}
+
+
+def latency_stats(ms: Sequence[float]) -> dict:
+    """median, p95, mean, min, max and n of a list of latencies in ms."""
+    a = np.asarray(ms, dtype=np.float64)
+    return {"median": float(np.median(a)), "p95": float(np.percentile(a, 95)), "mean": float(a.mean()),
+            "min": float(a.min()), "max": float(a.max()), "n": int(a.size)}
+
+
+def time_model(model, sample: np.ndarray, runs: int, warmup: int) -> list[float]:
+    """Wall time in ms of ``runs`` single-input calls of a ``device.runtime.Model``."""
+    sample = np.asarray(sample)[:1]
+    for _ in range(warmup):
+        model.run(sample)
+    out = []
+    clock = time.perf_counter
+    for _ in range(runs):
+        t0 = clock()
+        model.run(sample)
+        out.append((clock() - t0) * 1e3)
+    return out
+
+
+@dataclasses.dataclass
+class CutProfile:
+    """The measured cost of one bundle (one cut) on this machine."""
+
+    model: str
+    cut: str
+    quant: str
+    bundle_id: str
+    source: str
+    feature_shape: list
+    feature_dtype: str
+    feature_bytes: int               # the tensor, uncompressed
+    frame_bytes_raw: int             # header + tensor, uncompressed
+    frame_bytes_wire: float | None   # mean frame bytes as the agent sends them (compress="auto"), real inputs only
+    frame_header_bytes: int
+    result_bytes: int                # one result frame
+    head_size_bytes: int
+    tail_size_bytes: int
+    head_ms: dict | None = None
+    tail_ms: dict | None = None
+
+    @property
+    def frame_bytes(self) -> float:
+        """What the planner should take as the bytes sent: measured on real inputs when possible."""
+        return self.frame_bytes_wire if self.frame_bytes_wire is not None else float(self.frame_bytes_raw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class DeviceProfile:
+    """What ``edgesplit profile`` writes: machine, interpreter, settings and one entry per bundle."""
+
+    machine: dict
+    interpreter: dict
+    threads: int | None
+    runs: int
+    warmup: int
+    part: str
+    inputs: str
+    cuts: list[CutProfile]
+    input: dict                      # shape, uint8 bytes, frame bytes of the raw image
+    created: str = ""
+    seconds: float = 0.0
+    path: Path | None = None
+
+    def full_ms(self) -> float | None:
+        """Median time of the whole model here: the smallest head + tail over the profiled bundles."""
+        both = [c.head_ms["median"] + c.tail_ms["median"] for c in self.cuts if c.head_ms and c.tail_ms]
+        return min(both) if both else None
+
+    def to_dict(self) -> dict:
+        return {"schema": SCHEMA, "created": self.created, "machine": self.machine, "interpreter": self.interpreter,
+                "threads": self.threads, "runs": self.runs, "warmup": self.warmup, "part": self.part,
+                "inputs": self.inputs, "input": self.input, "full_ms": self.full_ms(), "seconds": self.seconds,
+                "cuts": [c.to_dict() for c in self.cuts]}
+
+    def write(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        if path.parent and not path.parent.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        self.path = path
+        return path
+
+    def summary(self) -> str:
+        m = self.machine
+        where = m.get("board") or m.get("cpu") or m.get("machine")
+        lines = [f"profile of {len(self.cuts)} bundle(s) on {m.get('hostname')} ({where}, {m.get('cores')} cores, "
+                 f"load {m.get('load_avg_1_5_15')}), {self.interpreter.get('name')} "
+                 f"{self.interpreter.get('version')}, {self.threads or 'default'} thread(s), {self.runs} runs each",
+                 f"{'model':<12} {'cut':<10} {'quant':<8} {'head ms':>9} {'p95':>8} {'tail ms':>9} {'p95':>8} "
+                 f"{'frame B':>9} {'wire B':>9}"]
+        for c in self.cuts:
+            h, t = c.head_ms or {}, c.tail_ms or {}
+            lines.append(f"{c.model[:12]:<12} {c.cut[:10]:<10} {c.quant:<8} {_f(h.get('median')):>9} "
+                         f"{_f(h.get('p95')):>8} {_f(t.get('median')):>9} {_f(t.get('p95')):>8} "
+                         f"{c.frame_bytes_raw:>9,} "
+                         f"{'-' if c.frame_bytes_wire is None else format(c.frame_bytes_wire, ',.0f'):>9}")
+        full = self.full_ms()
+        if full is not None:
+            lines.append(f"whole model here (head + tail): {full:.3f} ms")
+        lines.append(f"raw input: {self.input.get('bytes')} B as uint8, {self.input.get('frame_bytes')} B in a frame; "
+                     f"inputs: {self.inputs}")
+        if self.path is not None:
+            lines.append(f"wrote {self.path}")
+        return "\n".join(lines)
+
+
+def _f(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def load_profile(path: str | os.PathLike) -> dict:
+    """A profile file as a dict (checked: schema and the fields the planner needs)."""
+    p = Path(path)
+    try:
+        d = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"profile {p} does not exist",
+                         fix="write one with `edgesplit profile --bundle B --out FILE` on that machine") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read profile {p}: {exc}", fix="write it again with `edgesplit profile`") from None
+    if not isinstance(d, dict) or d.get("schema") != SCHEMA or not isinstance(d.get("cuts"), list):
+        raise UsageError(f"{p} is not an edgesplit profile (schema {d.get('schema') if isinstance(d, dict) else '?'}"
+                         f", expected {SCHEMA})", fix="write it with `edgesplit profile --bundle B --out FILE`")
+    return d
+
+
+def _inputs_array(inputs, preprocessor, limit: int = 200) -> tuple[np.ndarray | None, str]:
+    """Head inputs from ``inputs`` (an array, or file/folder/glob specs), and a description."""
+    if inputs is None:
+        return None, "random (frame bytes on the wire not measured: give --inputs)"
+    if isinstance(inputs, np.ndarray):
+        x = preprocessor.arrays(inputs[:limit])
+        return x, f"{len(x)} given arrays"
+    from device import sources
+
+    xs = []
+    for s in sources.open_inputs([str(i) for i in inputs]):
+        xs.append(preprocessor(s))
+        if len(xs) >= limit:
+            break
+    if not xs:
+        raise UsageError("--inputs matched no image", fix="give image files, folders or globs")
+    return np.stack(xs), f"{len(xs)} images from {', '.join(map(str, inputs))}"
+
+
+def _random_input(shape, value_range, rng) -> np.ndarray:
+    lo, hi = value_range
+    return (rng.random((1, *shape), dtype=np.float32) * (hi - lo) + lo).astype(np.float32)
+
+
+def profile(bundles: Iterable[str | os.PathLike], *, runs: int = 200, warmup: int = 10, threads: int | None = 1,
+            part: str = "both", inputs=None, interpreter: str | None = None) -> DeviceProfile:
+    """Time the head (and/or tail) of each bundle here; see the module docstring.
+
+    ``inputs``: images (paths/folders/globs, or a numpy batch of head inputs) used to time
+    and to measure the frame bytes as really sent; without them a random input is timed.
+    """
+    from device.preprocess import Preprocessor
+    from device.runtime import Model, pick_backend
+    from protocol.frame import Frame, encode_frame, header_size
+    from protocol.manifest import load_bundle
+
+    bundles = list(bundles)
+    if not bundles:
+        raise UsageError("no bundle to profile", fix="pass --bundle DIR_OR_TAR_GZ (several allowed)")
+    if part not in PARTS:
+        raise UsageError(f"--part {part!r} is unknown", fix=f"use one of {', '.join(PARTS)}")
+    if runs < 1 or warmup < 0:
+        raise UsageError(f"--runs must be >= 1 and --warmup >= 0 (got {runs}, {warmup})", fix="e.g. --runs 200")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}", fix="e.g. --threads 1 (as on a busy Pi)")
+    t_start = time.perf_counter()
+    backend = pick_backend(interpreter)
+    rng = np.random.default_rng(0)
+    out: list[CutProfile] = []
+    inputs_desc = "random"
+    input_info: dict = {}
+    for b_path in bundles:
+        b = load_bundle(b_path)
+        m = b.manifest
+        pre = Preprocessor(m.input)
+        x, inputs_desc = _inputs_array(inputs, pre)
+        sample = x[:1] if x is not None else _random_input(m.input.shape, pre.value_range, rng)
+        head = Model(b.head_path, num_threads=threads, backend=backend)
+        spec = m.feature
+        scale = spec.scale if spec.quantized else None
+        zp = spec.zero_point if spec.quantized else None
+
+        def frame_of(t, i=0):
+            return Frame.features(t, request_id=i, device_id=_DEVICE_ID, bundle_id=b.bundle_id, seq=i, scale=scale,
+                                  zero_point=zp)
+
+        y = sent_tensors(head.run(sample), spec, head)[0]
+        raw = len(encode_frame(frame_of(y), compress="raw"))
+        wire = None
+        if x is not None:
+            feats = sent_tensors(head.run(x), spec, head)
+            wire = float(np.mean([len(encode_frame(frame_of(f, i))) for i, f in enumerate(feats)]))
+        probs = np.zeros(tuple(m.output.shape), np.float32)
+        result_bytes = len(encode_frame(Frame.result(frame_of(y), probs, t_recv_us=1, t_done_us=2, label=0)))
+        cp = CutProfile(model=m.model, cut=m.cut, quant=m.quant, bundle_id=b.bundle_id, source=str(b_path),
+                        feature_shape=list(spec.shape), feature_dtype=spec.dtype, feature_bytes=spec.nbytes,
+                        frame_bytes_raw=raw, frame_bytes_wire=wire, frame_header_bytes=header_size(frame_of(y)),
+                        result_bytes=result_bytes, head_size_bytes=os.path.getsize(b.head_path),
+                        tail_size_bytes=os.path.getsize(b.tail_path))
+        if part in ("head", "both"):
+            cp.head_ms = latency_stats(time_model(head, sample, runs, warmup))
+        if part in ("tail", "both"):
+            tail = Model(b.tail_path, num_threads=threads, backend=backend)
+            cp.tail_ms = latency_stats(time_model(tail, spec.dequantize(y)[None], runs, warmup))
+        log.info("profiled %s cut %s (%s)", m.model, m.cut, m.quant)
+        out.append(cp)
+        if not input_info:
+            pixels = np.zeros(tuple(m.input.shape), np.uint8)
+            image_frame = Frame.features(pixels, request_id=0, device_id=_DEVICE_ID, bundle_id=b.bundle_id, seq=0)
+            input_info = {"shape": list(m.input.shape), "bytes": int(pixels.nbytes),
+                          "frame_bytes": len(encode_frame(image_frame, compress="raw"))}
+    return DeviceProfile(machine=machine_info(), interpreter=backend.to_dict(), threads=threads, runs=runs,
+                         warmup=warmup, part=part, inputs=inputs_desc, cuts=out, input=input_info,
+                         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), seconds=time.perf_counter() - t_start)
+
+
+def sent_tensors(y: np.ndarray, spec, head) -> np.ndarray:
+    """A head's output batch -> the feature tensors sent, shaped and typed as the manifest's ``spec`` says
+    (what the agent does before it frames them)."""
+    y = y.reshape((y.shape[0],) + tuple(spec.shape))
+    if y.dtype == np.dtype(spec.dtype):
+        return y
+    if spec.quantized and head.output.quantized:
+        y = head.output.scale * (y.astype(np.float32) - head.output.zero_point)
+    return spec.quantize(y)
+
+
+def run(bundles, *, out: str | os.PathLike | None = "edgesplit-profile.json", **options) -> DeviceProfile:
+    """``edgesplit profile``: profile ``bundles`` and write the file ``out`` (None: do not write)."""
+    prof = profile(bundles, **options)
+    if out is not None:
+        prof.write(out)
+    return prof
