@@ -271,7 +271,9 @@ def mosquitto_config(host: str, port: int, *, log_path: Path, persistence_dir: P
              "log_type information", "connection_messages true",
              # the default (1000) silently drops QoS 1 messages queued for a slow subscriber,
              # e.g. a burst of results for a device on a weak link
-             "max_queued_messages 100000"]
+             "max_queued_messages 100000",
+             # one small frame must leave at once (Nagle + delayed ACK cost ~80 ms per answer)
+             "set_tcp_nodelay true"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         # started as root, mosquitto drops to the 'mosquitto' user, which cannot read our
         # (private) work directory; stay the user who started it

@@ -395,6 +395,7 @@ def render_conf(installed: Path, *, fleet: str, port: int, bind: str | None, has
               f"persistence_location {d / 'data'}/",
               "autosave_interval 60",
               f"max_queued_messages {max_queued_messages}",
+              "set_tcp_nodelay true",
               f"max_packet_size {max_packet_size}",
               "log_dest stderr",
               "log_type error",

@@ -57,6 +57,7 @@ import difflib
 import logging
 import os
 import random
+import socket
 import ssl
 import threading
 import time
@@ -266,6 +267,18 @@ class _PahoClient(paho.Client):
 
 # ----------------------------------------------------------------- the client
 
+
+def _no_nagle(client, userdata, sock) -> None:
+    """Turn Nagle's algorithm off: one small frame must leave now, not wait for the last ACK.
+
+    Measured in bench/bench_e2e.py: with Nagle on, one request at a time over loopback takes
+    about 90 ms (Nagle meeting delayed ACKs) instead of about 10 ms.
+    """
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):  # not a TCP socket (e.g. a unix socket): nothing to do
+        pass
+
 class MqttClient:
     """One connection to one broker; see the module docstring for the whole API."""
 
@@ -330,6 +343,7 @@ class MqttClient:
             c.will_set(self.will.topic, self.will.payload, qos=self.will.qos, retain=self.will.retain)
         if log.isEnabledFor(logging.DEBUG):
             c.enable_logger(logging.getLogger(__name__ + ".paho"))
+        c.on_socket_open = _no_nagle
         c.on_connect = self._handle_connect
         c.on_connect_fail = self._handle_connect_fail
         c.on_disconnect = self._handle_disconnect
