@@ -219,7 +219,7 @@ class Option:
         if self.kind == "raw":
             return "the input itself"
         if self.leakage_db is None:
-            return "unknown (no audit report)"
+            return "unknown (no report)"
         return f"{self.leakage_db:.1f} dB" + (f", dCor {self.dcor:.2f}" if self.dcor is not None else "")
 
     def breakdown(self) -> str:
@@ -536,6 +536,10 @@ def plan(source, *, uplink, rtt, downlink=None, device_profile=None, cloud_profi
     if dprof is None:
         notes.append("no --device-profile: head times are not the device's (run `edgesplit profile --bundle B` "
                       "on the device and pass its file)")
+    if any("estimated from MACs" in v for o in options for v in o.sources.values()):
+        notes.append(f"some times are estimated from MACs ({DEVICE_MACS_PER_S / 1e9:g} GMAC/s on the device, "
+                     f"{CLOUD_MACS_PER_S / 1e9:g} on the cloud): give --device-profile and --cloud-profile for "
+                     "measured ones")
     limits = {"max_leakage_db": max_leakage_db, "max_latency_ms": max_latency_ms, "exclude": list(exclude)}
     return PlanResult(model=model, source=src_desc, link=link, options=options, pick=pick, reason=reason,
                       limits=limits, objective=objective, notes=notes)
