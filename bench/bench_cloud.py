@@ -5,7 +5,7 @@ Two measurements, both with the real code:
 * **worker through Mosquitto** — worker processes (``cloud.worker.run_worker``) on one shared
   subscription are paused (SIGSTOP), 1,000 feature frames are published, the broker queues
   them, the workers are resumed (SIGCONT) and the time until the last answer arrives at a
-  collector gives frames/s.  Micro-batching (max batch 32, wait 5 ms: the defaults) against
+  collector gives frames/s.  Micro-batching (max batch 32, no wait: the defaults) against
   one frame at a time (max batch 1, no wait), with one worker and with two.
 * **tail alone** — the same frames through the worker's own path without MQTT (decode,
   check against the bundle, tail, result frame, encode) in batches of 32 against one by one,
@@ -62,6 +62,20 @@ def tail_alone(bundle, payloads: list[bytes], batch: int) -> float:
         for f, y in zip(frames, out):
             encode_frame(Frame.result(f, np.asarray(y, np.float32), t_recv_us=1))
     return len(payloads) / (time.perf_counter() - t0)
+
+
+def invoke_alone(bundle, payloads: list[bytes], batch: int) -> float:
+    """frames/s of the tail interpreter alone (tensors decoded and checked beforehand), in batches of ``batch``."""
+    from cloud.registry import Registry
+    from protocol.frame import decode_frame
+
+    served = Registry.load([bundle.root]).get(bundle.bundle_id)
+    tensors = [served.check(decode_frame(p)) for p in payloads]
+    served.run(tensors[:batch])
+    t0 = time.perf_counter()
+    for s in range(0, len(tensors), batch):
+        served.run(tensors[s:s + batch])
+    return len(tensors) / (time.perf_counter() - t0)
 
 
 # --------------------------------------------------------------------------- through Mosquitto
@@ -149,14 +163,14 @@ def through_broker(url: str, bundle, payloads_for, *, workers: int, max_batch: i
 def main(argv=None) -> int:
     def extra(p):
         p.add_argument("--n", type=int, default=1000, help="queued frames (default 1000)")
-        p.add_argument("--cuts", default=None, help="cuts of paper-cnn (default pool2,conv1; quick pool2)")
+        p.add_argument("--cuts", default=None, help="cuts of paper-cnn (default pool2,conv1,dense1; quick pool2,dense1)")
 
     args = common.parse_args("cloud worker frames/s with and without micro-batching", extra, argv)
-    cuts = (args.cuts or ("pool2" if args.quick else "pool2,conv1")).split(",")
+    cuts = (args.cuts or ("pool2,dense1" if args.quick else "pool2,conv1,dense1")).split(",")
     rep = common.Report("cloud", "Cloud worker: micro-batching and a second worker, 1,000 queued frames",
                         quick=args.quick,
                         settings={"model": MODEL, "cuts": cuts, "queued_frames": args.n, "repeats": args.repeats,
-                                  "batched": "max batch 32, wait 5 ms (the defaults)",
+                                  "batched": "max batch 32, no wait (the defaults)",
                                   "one_at_a_time": "max batch 1, wait 0", "qos": 1,
                                   "interpreter_threads": "LiteRT default per worker"},
                         measures="frames answered per second once 1,000 frames wait for the worker(s), from "
@@ -173,13 +187,18 @@ def main(argv=None) -> int:
         for cut in cuts:
             b = load_bundle(common.bundle_for(MODEL, cut, "int8"))
             base = _frames(b, x, "tailonly", 0)
-            one, many = [], []
+            one, many, inv1, inv32 = [], [], [], []
             for _ in range(args.repeats):           # alternate, so both see the same load
                 one.append(tail_alone(b, base, 1))
                 many.append(tail_alone(b, base, 32))
+                inv1.append(invoke_alone(b, base, 1))
+                inv32.append(invoke_alone(b, base, 32))
             s1, s32 = common.repeats_summary(one), common.repeats_summary(many)
+            i1, i32 = common.repeats_summary(inv1), common.repeats_summary(inv32)
             rows_tail.append([cut, common.fmt_spread(s1, ",.0f"), common.fmt_spread(s32, ",.0f"),
-                              common.ratio(s32["median"], s1["median"])])
+                              common.ratio(s32["median"], s1["median"]), common.fmt_spread(i1, ",.0f"),
+                              common.fmt_spread(i32, ",.0f"), common.ratio(i32["median"], i1["median"])])
+            rep.data.setdefault("invoke_alone", {})[cut] = {"one": i1, "batch32": i32}
             rep.data.setdefault("tail_alone", {})[cut] = {"one": s1, "batch32": s32}
 
             def payloads_for(device, first_id, b=b):
@@ -187,7 +206,7 @@ def main(argv=None) -> int:
 
             results = {}
             for workers in (1, 2):
-                for label, mb, mw in (("one at a time", 1, 0.0), ("micro-batched", 32, 5.0)):
+                for label, mb, mw in (("one at a time", 1, 0.0), ("micro-batched", 32, 0.0)):
                     print(f"  {cut}: {workers} worker(s), {label} ...", flush=True)
                     results[(workers, label)] = through_broker(
                         broker.url, b, payloads_for, workers=workers, max_batch=mb, max_wait_ms=mw,
@@ -205,9 +224,13 @@ def main(argv=None) -> int:
               notes=["the workers are paused while the frames are published, then resumed: every frame is queued "
                      "when the clock starts", "two workers share one subscription ($share/...) and this machine's "
                      "two cores with the broker and the collector"])
-    rep.table("tail", ["cut", "one at a time frames/s", "batches of 32 frames/s", "batched / one"], rows_tail,
+    rep.table("tail", ["cut", "one at a time frames/s", "batches of 32 frames/s", "batched / one",
+                       "tail alone: one", "tail alone: batches of 32", "tail alone: batched / one"], rows_tail,
               title="The worker's path without MQTT (decode, check, tail, encode the result), 1,000 frames",
-              notes=["what micro-batching can speed up: one tail invocation per 32 frames instead of per frame"])
+              notes=["what micro-batching can speed up: one tail invocation per 32 frames instead of per frame",
+                     "tail alone: the interpreter only (frames decoded and checked beforehand), one thread: when "
+                     "it barely gains from batches, the tail is compute-bound (int8 GEMM runs at the same MACs/s "
+                     "for one row or 32) and batching can only save the per-frame overhead around it"])
     for cut, r in ratios.items():
         rep.target(f"micro-batching speed-up at {args.n} queued frames, {cut}, 1 worker through Mosquitto", r, 2.0,
                    ">=")

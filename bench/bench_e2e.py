@@ -51,6 +51,7 @@ RAW_BUNDLE_ID = "00000000000000aa"     # the raw-image frames name no real bundl
 LINKS = {"loopback": None, "1mbit": "1mbit", "20mbit": "20mbit"}
 RELAY_DELAY_MS = 20.0                 # per direction: 40 ms RTT
 WARMUP = 20
+_HOP_SHIPPED = 0.5                    # converter.planner.HOP_MS, printed in the notes
 
 
 # =========================================================================== roles (helper processes)
@@ -60,7 +61,7 @@ def role_worker(cfg: dict) -> None:
     from cloud.worker import run_worker
 
     stats = run_worker(cfg["bundles"], cfg["url"], name=f"bench-{os.getpid()}", stats_every=0,
-                       max_batch=cfg.get("max_batch", 32), max_wait_ms=cfg.get("max_wait_ms", 5.0),
+                       max_batch=cfg.get("max_batch", 32), max_wait_ms=cfg.get("max_wait_ms", 0.0),
                        ready=lambda w: common.ready())
     print(json.dumps(stats.to_dict()), flush=True)
 
@@ -114,7 +115,7 @@ def role_server(cfg: dict) -> None:
                     client.publish(topic[:-4] + "/res", json.dumps(body).encode(), qos=1)
             counts[mode] = counts.get(mode, 0) + len(rows)
 
-    batcher = MicroBatcher(process, max_batch=32, max_wait_s=0.005, name="bench-server")
+    batcher = MicroBatcher(process, max_batch=32, max_wait_s=0.0, name="bench-server")
 
     def on(topic: str, payload: bytes) -> None:
         if topic.rsplit("/", 2)[-2].startswith("echo"):
@@ -136,6 +137,55 @@ def role_server(cfg: dict) -> None:
 
 
 # --------------------------------------------------------------------------- device role
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _proc_cpu_s(pid: int | None) -> float | None:
+    """User + system CPU seconds of process ``pid`` (all its threads), from /proc; None if unreadable."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class _CpuMeter:
+    """CPU seconds used during a phase by this process (the device or the requester), the broker and
+    the process playing the cloud, divided by the requests answered: where the machine's time went."""
+
+    def __init__(self, cfg: dict, cloud: str):
+        self.pids = {"broker": cfg.get("pids", {}).get("broker"), "cloud": cfg.get("pids", {}).get(cloud)}
+
+    def __enter__(self) -> "_CpuMeter":
+        self.t0 = time.process_time()
+        self.c0 = {k: _proc_cpu_s(v) for k, v in self.pids.items()}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.device_s = time.process_time() - self.t0
+        self.other_s = {k: (None if self.c0[k] is None or _proc_cpu_s(v) is None else _proc_cpu_s(v) - self.c0[k])
+                        for k, v in self.pids.items()}
+
+    def per_request_ms(self, n: int) -> dict:
+        if not n:
+            return {}
+        out = {"device": 1e3 * self.device_s / n}
+        out.update({k: None if v is None else 1e3 * v / n for k, v in self.other_s.items()})
+        parts = [v for v in out.values() if v is not None]
+        out["total"] = sum(parts) if len(parts) == 3 else None
+        return out
+
+
+def _metered(cfg: dict, cloud: str, fn) -> dict:
+    with _CpuMeter(cfg, cloud) as m:
+        r = fn()
+    r["cpu_ms"] = m.per_request_ms(r.get("answered", 0))
+    return r
+
 
 def _head_features(model, spec, x: np.ndarray) -> np.ndarray:
     from device.profile import sent_tensors
@@ -178,7 +228,7 @@ def _split_variant(v, pixels, cfg) -> dict:
                      client_id=f"bench-{uuid.uuid4().hex[:8]}", **common_kw) as agent:
         list(agent.run_arrays(pixels[:WARMUP]))
         for _ in range(v["repeats"]):
-            out["throughput"].append(_agent_phase(agent, pixels, v["n"]))
+            out["throughput"].append(_metered(cfg, "worker", lambda: _agent_phase(agent, pixels, v["n"])))
     with DeviceAgent(b, cfg["url"], dev, cfg["fleet"], max_in_flight=1, batch_size=1,
                      client_id=f"bench-{uuid.uuid4().hex[:8]}", **common_kw) as agent:
         list(agent.run_arrays(pixels[:5]))
@@ -209,8 +259,10 @@ def _echo(cfg, v, payloads, reply_bytes) -> list:
     try:
         req.run(WARMUP, lambda i: stamp(payloads[i % len(payloads)], i, reply_bytes), echo_id,
                 window=cfg["window"], first_id=10**9)
-        return [req.run(v["n"], lambda i: stamp(payloads[i % len(payloads)], i, reply_bytes), echo_id,
-                        window=cfg["window"], first_id=r * 10**7) for r in range(v["repeats"])]
+        return [_metered(cfg, "server", lambda: req.run(v["n"], lambda i: stamp(payloads[i % len(payloads)], i,
+                                                                             reply_bytes),
+                                                         echo_id, window=cfg["window"], first_id=r * 10**7))
+                for r in range(v["repeats"])]
     finally:
         req.stop()
 
@@ -221,7 +273,9 @@ def _request_variant(v, pixels, cfg, make, parse, reply_bytes) -> dict:
     try:
         req.run(WARMUP, make, parse, window=cfg["window"], first_id=10**9)
         for r in range(v["repeats"]):
-            out["throughput"].append(req.run(v["n"], make, parse, window=cfg["window"], first_id=r * 10**7))
+            out["throughput"].append(_metered(cfg, "server", lambda: req.run(v["n"], make, parse,
+                                                                             window=cfg["window"],
+                                                                             first_id=r * 10**7)))
         out["latency"] = req.run(v["n_lat"], make, parse, window=1, first_id=9 * 10**7)
     finally:
         req.stop()
@@ -364,8 +418,7 @@ def _variants(link: str, args, prof, rate_bps: float | None) -> list[dict]:
     return out
 
 
-def _run_link(link_name: str, args, prof, run: str, broker, workdir: Path, *, env: dict | None = None,
-              tag: str = "") -> tuple[dict, dict]:
+def _run_link(link_name: str, args, prof, run: str, broker, workdir: Path, pids: dict) -> tuple[dict, dict]:
     rate = LINKS[link_name]
     info = {"link": link_name}
     ctx = None
@@ -388,17 +441,15 @@ def _run_link(link_name: str, args, prof, run: str, broker, workdir: Path, *, en
         else:
             url, popen = broker.url, None
         rate_bps = info.get("rate_bps")
-        cfg = {"url": url, "link": link_name + tag, "fleet": f"b{run}-{link_name}", "prefix": f"bench/{run}/{link_name}",
+        cfg = {"url": url, "link": link_name, "fleet": f"b{run}-{link_name}",
+               "prefix": f"bench/{run}/{link_name}", "pids": pids,
                "images": str(workdir / "images.npy"), "window": args.window,
                "variants": _variants(link_name, args, prof, rate_bps)}
-        if tag:   # the Nagle check: one repeat of at most a quarter of the requests (>= 4 windows), no echo
-            for v in cfg["variants"]:
-                v.update(repeats=1, echo=False, n=min(v["n"], max(4 * args.window, args.n // 4)))
-        cfg_path = workdir / f"device-{link_name}{tag}.json"
+        cfg_path = workdir / f"device-{link_name}.json"
         cfg_path.write_text(json.dumps(cfg))
         t0 = time.perf_counter()
         role = common.Role([common.PYTHON, __file__, "--role", "device", "--config", cfg_path],
-                           name=f"device-{link_name}{tag}", popen=popen, stderr_to_log=False, env=env)
+                           name=f"device-{link_name}", popen=popen, stderr_to_log=False)
         role.wait_ready(300)
         results = role.result(timeout=4 * 3600) or {}
         info["seconds"] = time.perf_counter() - t0
@@ -446,10 +497,20 @@ def _pct(e) -> str:
     return "-" if e is None else f"{100 * e:+.0f}%"
 
 
-def _tables(rep, link: str, res: dict, device_ref: dict | None, plans: dict, nodelay: dict | None) -> dict:
-    rows_t, rows_l = [], []
+def _cpu(runs: list) -> dict:
+    """Median over repeats of each process's CPU ms per answered request."""
+    out = {}
+    for k in ("device", "broker", "cloud", "total"):
+        vals = [r["cpu_ms"][k] for r in runs if r and r.get("cpu_ms", {}).get(k) is not None]
+        out[k] = float(np.median(vals)) if vals else None
+    return out
+
+
+def _tables(rep, link: str, res: dict, device_ref: dict | None, plans: dict, prof_dict: dict) -> dict:
+    rows_t, rows_l, rows_c = [], [], []
     summary = {}
     dev_p50 = (device_ref or {}).get("latency", {}).get("latency_ms", {}).get("median")
+    tail_ms = {c["cut"]: c["tail_ms"]["median"] for c in prof_dict["cuts"]}
     for name, r in res.items():
         if "error" in r:
             rows_t.append([name, "failed: " + r["error"][:60]] + [""] * 8)
@@ -468,18 +529,28 @@ def _tables(rep, link: str, res: dict, device_ref: dict | None, plans: dict, nod
                        common.fmt(_lat(r["throughput"], "p50").get("median"), ".1f"),
                        common.fmt(_lat(r["throughput"], "p99").get("median"), ".1f"), str(lost)])
         lat = r["latency"]["latency_ms"]
-        nd = ((nodelay or {}).get(name) or {}).get("latency", {}).get("latency_ms", {})
-        nd_p50 = lat.get("median") if name == "device" else nd.get("median")
         pred, pred_cal = _predicted(plans.get("shipped"), name), _predicted(plans.get("calibrated"), name)
-        e, e_nd, e_cal = _err(pred, lat.get("median")), _err(pred, nd_p50), _err(pred_cal, nd_p50)
+        e, e_cal = _err(pred, lat.get("median")), _err(pred_cal, lat.get("median"))
         rows_l.append([name, str(lat.get("n", 0)), common.fmt(lat.get("median"), ".1f"),
                        common.fmt(lat.get("p95"), ".1f"), common.ratio(lat.get("median"), dev_p50),
-                       common.fmt(nd_p50, ".1f"), common.fmt(pred, ".1f"), _pct(e), _pct(e_nd),
-                       common.fmt(pred_cal, ".1f"), _pct(e_cal)])
+                       common.fmt(pred, ".1f"), _pct(e), common.fmt(pred_cal, ".1f"), _pct(e_cal)])
+        cpu_e2e, cpu_echo = _cpu(r["throughput"]), _cpu(r.get("echo") or [])
+        compute = None
+        if name.startswith("split-") and head.get("n") and name[6:] in tail_ms:
+            compute = 1e3 / head["median"] + tail_ms[name[6:]]
+        extra = None
+        if compute is not None and cpu_e2e["total"] is not None and cpu_echo["total"] is not None:
+            extra = cpu_e2e["total"] - cpu_echo["total"] - compute
+        if name != "device" and link == "loopback":
+            rows_c.append([name] + [common.fmt(cpu_e2e[k], ".3f") for k in ("device", "broker", "cloud", "total")]
+                          + [common.fmt(cpu_echo["total"], ".3f"), common.fmt(compute, ".3f"),
+                             common.fmt(extra, "+.3f"), common.fmt(ratio, ".2f"),
+                             common.ratio(cpu_echo["total"], cpu_e2e["total"])])
         summary[name] = {"throughput": thr, "echo": echo, "head_only": head, "ratio_to_echo": ratio, "lost": lost,
-                         "bytes_per_request": float(bpr), "latency_one": lat, "latency_one_nodelay_p50": nd_p50,
-                         "predicted_ms": pred, "predicted_calibrated_ms": pred_cal, "error": e,
-                         "error_nodelay": e_nd, "error_nodelay_calibrated": e_cal,
+                         "bytes_per_request": float(bpr), "latency_one": lat,
+                         "predicted_ms": pred, "predicted_calibrated_ms": pred_cal, "error": e, "error_calibrated": e_cal,
+                         "cpu_ms_per_request": cpu_e2e, "echo_cpu_ms_per_request": cpu_echo,
+                         "model_compute_ms": compute, "cpu_beyond_echo_and_model_ms": extra,
                          "loaded_latency": {q: _lat(r["throughput"], q) for q in ("p50", "p95", "p99")}}
     where = "loopback (127.0.0.1)" if link == "loopback" else \
         f"a shaped link: {link}, 40 ms RTT (tbf rate both ways, relay delay 20 ms each way)"
@@ -492,18 +563,30 @@ def _tables(rep, link: str, res: dict, device_ref: dict | None, plans: dict, nod
                      "device's compute ceiling)",
                      "p50/p99: latency with the window full (queueing included); bytes/req: MQTT payload",
                      "device: the whole int8 model on one thread, batches of 32, no network"])
-    hop = plans.get("calibrated").link.hop_ms if plans.get("calibrated") else None
-    rep.table(f"latency-{link}", ["option", "n", "p50 ms", "p95 ms", "p50 vs device", "p50 ms NODELAY",
-                                  "planner ms", "error", "error NODELAY", "planner ms (cal.)",
-                                  "error NODELAY (cal.)"], rows_l,
+    if rows_c:
+        rep.table(f"cpu-{link}", ["option", "device", "broker", "cloud", "total", "echo total", "model alone",
+                                  "beyond echo + model", "e2e/echo req/s", "echo/e2e CPU"], rows_c,
+                  title=f"Where the CPU goes over {where}: CPU ms per answered request, throughput phase",
+                  notes=["device: the process sending (the device agent, or for raw/PNG/JSON and the echo the "
+                         "requester); cloud: the worker (split) or the bench server (raw, PNG, JSON, echo); broker: "
+                         "Mosquitto; from /proc, all threads, median over repeats",
+                         "echo total: the same three processes during the bare echo with the same payloads",
+                         "model alone: the head per image in batches of 32 (head-only above) + the tail one at a "
+                         "time (profile), each alone on an idle core",
+                         "beyond echo + model: total - echo total - model alone: the frames, the agent's and the "
+                         "worker's bookkeeping, and the model running slower beside the other processes on "
+                         "shared cores",
+                         "when the cores are the limit, e2e/echo req/s follows echo/e2e CPU: the model's work is "
+                         "what the echo does not do"])
+    rep.table(f"latency-{link}", ["option", "n", "p50 ms", "p95 ms", "p50 vs device", "planner ms", "error",
+                                  "planner ms (cal.)", "error (cal.)"], rows_l,
               title=f"One request at a time over {where}",
               notes=["from the input on the device to the answer back on the device (median of n requests)",
-                     "NODELAY: the same with TCP_NODELAY on the broker and every client (the Nagle check pass)",
                      "planner: `edgesplit plan` with this run's profile (this machine, 1 thread), the link's rate, "
-                     "RTT and tbf burst and its shipped constants (0.5 ms per MQTT hop); error = (predicted - "
-                     "measured) / measured",
-                     "cal.: the per-hop overhead calibrated on loopback with TCP_NODELAY in this run"
-                     + (f" ({hop:.2f} ms per hop)" if hop is not None else "")])
+                     f"RTT and tbf burst and its shipped constants ({_HOP_SHIPPED} ms per MQTT hop); error = "
+                     "(predicted - measured) / measured",
+                     "cal.: the same with the per-hop overhead calibrated on this run's loopback figures"
+                     + (f" ({plans['calibrated'].link.hop_ms:.2f} ms per hop)" if plans.get("calibrated") else "")])
     return summary
 
 
@@ -526,13 +609,13 @@ def _plan_for(link: str, info: dict, prof_dict: dict, hop_ms: float | None = Non
                         device_profile=prof_dict, cloud_profile=prof_dict, **kw)
 
 
-def _calibrate_hop_ms(loopback_nodelay: dict, prof_dict: dict) -> float | None:
-    """Per-hop MQTT overhead of this stack on this machine: loopback (TCP_NODELAY) measured minus the rest."""
+def _calibrate_hop_ms(loopback: dict, prof_dict: dict) -> float | None:
+    """Per-hop MQTT overhead of this stack on this machine: loopback measured minus the rest."""
     from converter import planner
 
     bare = _plan_for("loopback", {}, prof_dict, hop_ms=0.0)
     excess = []
-    for name, r in loopback_nodelay.items():
+    for name, r in loopback.items():
         if not name.startswith("split-") or "error" in r:
             continue
         meas = r["latency"]["latency_ms"].get("median")
@@ -544,57 +627,31 @@ def _calibrate_hop_ms(loopback_nodelay: dict, prof_dict: dict) -> float | None:
     return max(0.0, float(np.median(excess)) / planner.HOPS)
 
 
-def _run_config(args, links, prof, workdir: Path, full32, *, nodelay: bool) -> tuple[dict, dict, dict]:
-    """Broker, worker and server for one socket configuration, and the device on each link."""
+def _run_config(args, links, prof, workdir: Path, full32) -> tuple[dict, dict, dict]:
+    """Broker (Mosquitto with edgesplit's generated configuration), worker and server, and the device on each link."""
     from deploy.broker import start_mosquitto
 
     run = uuid.uuid4().hex[:8]
-    env = {"BENCH_NODELAY": "1"} if nodelay else None
-    tag = "-nodelay" if nodelay else ""
     results, infos, extra = {}, {}, {}
-    with start_mosquitto(extra_lines=["set_tcp_nodelay true"] if nodelay else ()) as broker:
-        wcfg = workdir / f"worker{tag}.json"
+    with start_mosquitto() as broker:
+        wcfg = workdir / "worker.json"
         wcfg.write_text(json.dumps({"url": broker.url, "bundles": [str(b) for b in args.bundles.values()]}))
-        scfg = workdir / f"server{tag}.json"
+        scfg = workdir / "server.json"
         scfg.write_text(json.dumps({"url": broker.url, "run": run, "full_model": str(full32),
                                     "json_bundle": str(args.json_bundle)}))
-        worker = common.Role([common.PYTHON, __file__, "--role", "worker", "--config", wcfg], name=f"worker{tag}",
-                             env=env)
-        server = common.Role([common.PYTHON, __file__, "--role", "server", "--config", scfg], name=f"server{tag}",
-                             env=env)
+        worker = common.Role([common.PYTHON, __file__, "--role", "worker", "--config", wcfg], name="worker")
+        server = common.Role([common.PYTHON, __file__, "--role", "server", "--config", scfg], name="server")
         try:
             worker.wait_ready()
             server.wait_ready()
+            pids = {"broker": broker.process.pid, "worker": worker.proc.pid, "server": server.proc.pid}
             for lk in links:
-                print(f"\n-- link {lk}{' (TCP_NODELAY)' if nodelay else ''}", flush=True)
-                results[lk], infos[lk] = _run_link(lk, args, prof, run, broker, workdir, env=env, tag=tag)
+                print(f"\n-- link {lk}", flush=True)
+                results[lk], infos[lk] = _run_link(lk, args, prof, run, broker, workdir, pids)
         finally:
             extra["worker_stats"] = worker.stop()
             extra["server_counts"] = server.stop()
     return results, infos, extra
-
-
-def _nagle_table(rep, link: str, default: dict, nodelay: dict) -> None:
-    rows = []
-    for name, r in default.items():
-        n = nodelay.get(name) or {}
-        if name == "device" or "error" in r or "error" in n or not n:
-            continue
-        a = r["latency"]["latency_ms"].get("median")
-        b = n["latency"]["latency_ms"].get("median")
-        ta = common.repeats_summary([x["throughput"] for x in r["throughput"]])["median"]
-        tb = common.repeats_summary([x["throughput"] for x in n["throughput"]])["median"]
-        rows.append([name, common.fmt(a, ".1f"), common.fmt(b, ".1f"), common.ratio(a, b),
-                     common.fmt(ta, ",.0f"), common.fmt(tb, ",.0f")])
-    rep.table(f"nagle-{link}", ["option", "p50 ms default", "p50 ms TCP_NODELAY", "default / nodelay",
-                                "req/s default", "req/s TCP_NODELAY"], rows,
-              title=f"Nagle's algorithm over {link}: one request at a time, default sockets vs TCP_NODELAY",
-              notes=["default: what the code does today (paho does not set TCP_NODELAY; Mosquitto's "
-                     "set_tcp_nodelay is false); TCP_NODELAY: set on every client socket and `set_tcp_nodelay "
-                     "true` on the broker",
-                     "a small message sent while an earlier one is unacknowledged waits for the peer's delayed "
-                     "ACK (up to 40 ms on Linux)", "req/s of the TCP_NODELAY pass: one repeat of at most a quarter "
-                     "of the requests (at least four windows)"])
 
 
 # --------------------------------------------------------------------------- main
@@ -607,8 +664,6 @@ def main(argv=None) -> int:
         p.add_argument("--n-lat", type=int, default=None, help="one-at-a-time requests (default 200, quick 20)")
         p.add_argument("--window", type=int, default=64, help="unanswered requests allowed (the agent's default)")
         p.add_argument("--cuts", default=",".join(common.PAPER_CUTS), help="cuts of paper-cnn to split at")
-        p.add_argument("--no-nagle-check", action="store_true",
-                       help="skip the second loopback pass with TCP_NODELAY on the broker and the clients")
         p.add_argument("--budget-s", type=float, default=None,
                        help="on shaped links, cap each phase at about this much link time (default 40, quick 3)")
 
@@ -629,8 +684,10 @@ def main(argv=None) -> int:
                                   "window": args.window, "repeats_loopback": args.repeats, "repeats_shaped": 1,
                                   "links": links, "shaped_budget_s": args.budget_s, "qos": 1,
                                   "device_threads": 1, "frames": "int8, compress=auto (zstd when it saves >= 10 %)",
-                                  "cloud": "edgesplit cloud worker, max batch 32, wait 5 ms (split); same batching "
-                                           "for raw/PNG/JSON"},
+                                  "cloud": "edgesplit cloud worker, max batch 32, no wait (its defaults; split); same "
+                                           "batching for raw/PNG/JSON",
+                                  "broker": "Mosquitto with edgesplit's generated configuration (set_tcp_nodelay, "
+                                            "max_queued_messages 100000); every client sets TCP_NODELAY"},
                         measures="requests/s, latency under load and one at a time, bytes per request, against the "
                                  "bare-echo ceiling and the planner's prediction")
     # ----------------------------------------------------------- artefacts
@@ -650,18 +707,13 @@ def main(argv=None) -> int:
     prof_dict = prof.to_dict()
     rep.data["profile"] = prof_dict
 
-    results, infos, extra = _run_config(args, links, prof, workdir, full32, nodelay=False)
+    results, infos, extra = _run_config(args, links, prof, workdir, full32)
     rep.data.update(links=infos, raw=results, **extra)
-    nagle = {}
-    if not args.no_nagle_check:
-        print("\n-- the Nagle check: every link again with TCP_NODELAY on the broker and every client", flush=True)
-        nagle, ninfos, extra = _run_config(args, links, prof, workdir, full32, nodelay=True)
-        rep.data["nodelay"] = {"raw": nagle, "links": ninfos, **extra}
 
     # ----------------------------------------------------------- tables, planner check, targets
     device_ref = (results.get("loopback") or {}).get("device")
     summaries = {}
-    hop_cal = _calibrate_hop_ms(nagle.get("loopback") or {}, prof_dict)
+    hop_cal = _calibrate_hop_ms(results.get("loopback") or {}, prof_dict)
     rep.data["calibrated_hop_ms"] = hop_cal
     for lk in links:
         if not results.get(lk):
@@ -672,9 +724,7 @@ def main(argv=None) -> int:
         plans = {"shipped": _plan_for(lk, infos[lk], prof_dict)}
         if hop_cal is not None:
             plans["calibrated"] = _plan_for(lk, infos[lk], prof_dict, hop_ms=hop_cal)
-        summaries[lk] = _tables(rep, lk, res, device_ref, plans, nagle.get(lk))
-        if nagle.get(lk):
-            _nagle_table(rep, lk, res, nagle[lk])
+        summaries[lk] = _tables(rep, lk, res, device_ref, plans, prof_dict)
         rep.data.setdefault("plans", {})[lk] = {k: p.to_dict() for k, p in plans.items()}
     rep.data["summary"] = summaries
     header = max(c.frame_header_bytes for c in prof.cuts)
@@ -687,19 +737,24 @@ def main(argv=None) -> int:
     ratios = {k: v["ratio_to_echo"] for k, v in loop.items() if k.startswith("split-") and v["ratio_to_echo"]}
     if ratios:
         worst = min(ratios, key=ratios.get)
+        cpu = loop[worst]
+        why = ""
+        if cpu.get("model_compute_ms") is not None and cpu["echo_cpu_ms_per_request"].get("total"):
+            why = (f"; CPU per request at {worst[6:]}: echo {cpu['echo_cpu_ms_per_request']['total']:.2f} ms, "
+                   f"e2e {cpu['cpu_ms_per_request']['total']:.2f} ms of which the model alone "
+                   f"{cpu['model_compute_ms']:.2f} ms")
         rep.target("e2e req/s as a fraction of the echo ceiling (worst split cut, loopback)", ratios[worst], 0.8,
-                   ">=", f"{worst}; every cut: " + ", ".join(f"{k[6:]} {v:.2f}" for k, v in ratios.items()))
+                   ">=", f"{worst}; every cut: " + ", ".join(f"{k[6:]} {v:.2f}" for k, v in ratios.items()) + why)
     lost = sum(v["lost"] for s in summaries.values() for v in s.values())
     rep.target("requests lost (every variant, every link)", lost, 0, "<=")
     for lk in [lk for lk in summaries if lk != "loopback"]:
-        for key, label in (("error", "default sockets, shipped constants"),
-                           ("error_nodelay", "TCP_NODELAY, shipped constants"),
-                           ("error_nodelay_calibrated", "TCP_NODELAY, hop overhead calibrated on loopback")):
+        for key, label in (("error", "shipped constants"),
+                           ("error_calibrated", "hop overhead calibrated on loopback in this run")):
             errs = {k: v[key] for k, v in summaries[lk].items() if v.get(key) is not None}
             cut_errs = {k: v for k, v in errs.items() if k.startswith("split-")}
             if cut_errs:
                 worst = max(cut_errs, key=lambda k: abs(cut_errs[k]))
-                rep.target(f"planner error on the {lk} link, {label} (worst cut, |predicted - measured| / measured)",
+                rep.target(f"planner error on the {lk} link, {label} (worst cut; |predicted - measured| / measured)",
                            abs(cut_errs[worst]), 0.2, "<=",
                            f"{worst}; every option: " + ", ".join(f"{k} {100 * v:+.0f}%" for k, v in errs.items()))
     rep.note(f"the machine is shared: load average {rep.machine['load_avg_1_5_15']} at the start on "
@@ -713,8 +768,6 @@ if __name__ == "__main__":
         i = sys.argv.index("--role")
         role, cfg_path = sys.argv[i + 1], sys.argv[sys.argv.index("--config") + 1]
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        if os.environ.get("BENCH_NODELAY") == "1":
-            common.tcp_nodelay_everywhere()
         ROLES[role](json.loads(Path(cfg_path).read_text()))
         raise SystemExit(0)
     raise SystemExit(main())

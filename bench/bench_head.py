@@ -26,7 +26,8 @@ MODEL = "paper-cnn"
 
 def main(argv=None) -> int:
     def extra(p):
-        p.add_argument("--runs", type=int, default=None, help="timed calls per model per repeat (default 300, quick 60)")
+        p.add_argument("--runs", type=int, default=None,
+                       help="timed calls per model per repeat (default 300, quick 60)")
         p.add_argument("--cuts", default=",".join(common.PAPER_CUTS))
         p.add_argument("--threads", type=int, default=1, help="interpreter threads (default 1, as on a busy Pi)")
 

@@ -71,7 +71,8 @@ def convert(model, cut: str, calib: np.ndarray, cache: Path) -> tuple[Path, Path
 def main(argv=None) -> int:
     def extra(p):
         p.add_argument("--cuts", type=int, default=None, help="how many block-boundary cuts (default all, quick 5)")
-        p.add_argument("--runs", type=int, default=None, help="timed calls per model per repeat (default 100, quick 25)")
+        p.add_argument("--runs", type=int, default=None,
+                       help="timed calls per model per repeat (default 100, quick 25)")
 
     args = common.parse_args("MobileNetV2 alpha 0.35 96x96, random weights: cost per cut", extra, argv)
     runs = args.runs or (25 if args.quick else 100)

@@ -234,7 +234,8 @@ class Target:
     def line(self) -> str:
         verdict = {True: "MET", False: "NOT MET", None: "not measured"}[self.met]
         v = "-" if self.value is None else f"{self.value:.4g}"
-        return f"{verdict:<12} {self.name}: {v} (target {self.op} {self.limit:g}){' - ' + self.detail if self.detail else ''}"
+        detail = f" - {self.detail}" if self.detail else ""
+        return f"{verdict:<12} {self.name}: {v} (target {self.op} {self.limit:g}){detail}"
 
     def to_dict(self) -> dict:
         return {"name": self.name, "value": self.value, "limit": self.limit, "op": self.op, "met": self.met,
@@ -510,30 +511,6 @@ class Role:
             raise RuntimeError(f"{self.name} failed (exit {self.proc.returncode}); log {self.log_path}:\n"
                                + self.log_tail())
         return None
-
-
-def tcp_nodelay_everywhere() -> None:
-    """Set TCP_NODELAY on every TCP connection this process opens (paho does not; used for the Nagle check).
-
-    Without it, a small MQTT message that follows an unacknowledged one waits for the
-    peer's delayed ACK (up to 40 ms on Linux) -- on each hop that sends two messages in a row.
-    """
-    import socket
-
-    if getattr(socket.create_connection, "_edgesplit_nodelay", False):
-        return
-    original = socket.create_connection
-
-    def create_connection(*a, **kw):
-        sock = original(*a, **kw)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-        return sock
-
-    create_connection._edgesplit_nodelay = True
-    socket.create_connection = create_connection
 
 
 def ready() -> None:

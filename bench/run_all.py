@@ -109,10 +109,10 @@ def _summary(out: Path, ran, failed, missing, quick: bool, seconds: float) -> No
         lines += [f"Not run (script missing): {', '.join(missing)}", ""]
     lines += sections
     (out / "summary.md").write_text("\n".join(lines) + "\n")
-    (out / "summary.json").write_text(json.dumps({"quick": quick, "machine": m, "seconds": seconds,
-                                                  "ran": [r[0] for r in ran], "failed": [f[0] for f in failed],
-                                                  "missing": missing,
-                                                  "targets": [dict(t, benchmark=n) for n, t in targets]}, indent=1, default=str))
+    summary = {"quick": quick, "machine": m, "seconds": seconds, "ran": [r[0] for r in ran],
+               "failed": [f[0] for f in failed], "missing": missing,
+               "targets": [dict(t, benchmark=n) for n, t in targets]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(f"\nwrote {out / 'summary.md'}; ran {len(ran)}, failed {len(failed)}, missing {len(missing)}")
 
 

@@ -1,10 +1,12 @@
 """Micro-batching: run the tail once for frames that arrive together.
 
 Items are put from the MQTT network thread; one processing thread takes the
-first waiting item, then keeps collecting until ``max_batch`` items or until
-``max_wait_s`` has passed since that first item, and hands the batch to
-``process``.  Under load the queue is never empty and batches fill at once;
-when idle, a frame waits at most ``max_wait_s`` (0 disables waiting).
+first waiting item, takes every item already queued behind it (up to
+``max_batch``), optionally keeps collecting until ``max_wait_s`` has passed
+since that first item, and hands the batch to ``process``.  The default wait is
+0: an idle worker answers a lone frame at once, and under load the frames that
+arrive while one batch runs make up the next, so batches grow with the load
+without adding latency when there is none.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ _STOP = object()
 class MicroBatcher:
     """``put(item)`` from any thread; ``process(list_of_items)`` runs on the batcher's own thread."""
 
-    def __init__(self, process: Callable[[list[Any]], None], *, max_batch: int = 32, max_wait_s: float = 0.005,
+    def __init__(self, process: Callable[[list[Any]], None], *, max_batch: int = 32, max_wait_s: float = 0.0,
                  name: str = "batcher"):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")

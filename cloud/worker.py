@@ -155,7 +155,7 @@ class Worker:
     """
 
     def __init__(self, registry: Registry, broker: str, *, group: str = DEFAULT_GROUP, fleet: str = "+",
-                 max_batch: int = 32, max_wait_ms: float = 5.0, name: str | None = None,
+                 max_batch: int = 32, max_wait_ms: float = 0.0, name: str | None = None,
                  keys: signing.KeySource | None = None, replay_window_s: float | None = DEFAULT_REPLAY_WINDOW_S,
                  dedupe: DedupeWindow | None = None, stats_every: float = 0.0, **mqtt_options):
         self.registry = registry
@@ -367,7 +367,7 @@ def _wait_for_signal(stop: threading.Event) -> dict:
 
 
 def run_worker(bundles: list[str], broker: str, *, group: str = DEFAULT_GROUP, fleet: str = "+",
-               max_batch: int = 32, max_wait_ms: float = 5.0, stats_every: float = 30.0,
+               max_batch: int = 32, max_wait_ms: float = 0.0, stats_every: float = 30.0,
                num_threads: int | None = None, keys=None, name: str | None = None,
                stop: threading.Event | None = None, ready=None, **options) -> WorkerStats:
     """One worker in this process until SIGTERM/SIGINT (or ``stop`` is set); returns its counters.
@@ -427,7 +427,7 @@ def _child(kwargs: dict, results) -> None:
 
 
 def serve(bundles: list[str], broker: str, *, workers: int = 1, group: str = DEFAULT_GROUP, fleet: str = "+",
-          max_batch: int = 32, max_wait_ms: float = 5.0, stats_every: float = 30.0,
+          max_batch: int = 32, max_wait_ms: float = 0.0, stats_every: float = 30.0,
           num_threads: int | None = None, keys=None,
           replay_window_s: float | None = DEFAULT_REPLAY_WINDOW_S) -> CloudRun:
     """``edgesplit cloud``: run ``workers`` worker processes on one shared subscription until SIGTERM.

@@ -56,7 +56,7 @@ SEGMENT_OVERHEAD = 66          # Ethernet 14 + IPv4 20 + TCP 20 + TCP timestamps
 TOPIC_CHARS = 40               # edgesplit/v1/<fleet>/<device>/features with short ids
 HOPS = 4                       # device->broker, broker->worker, worker->broker, broker->device
 HOP_MS = 0.5                   # client + broker work per hop on a server-class broker
-CLOUD_WAIT_MS = 5.0            # the cloud worker's default micro-batch wait (edgesplit cloud --max-wait-ms)
+CLOUD_WAIT_MS = 0.0            # the cloud worker's default micro-batch wait (edgesplit cloud --max-wait-ms)
 TIE = 0.05                     # options within 5 % of each other are a tie; the other measure decides
 # used only without any timing: MACs per second of one core
 DEVICE_MACS_PER_S = 1e9        # a Raspberry Pi 4 core running int8 LiteRT, roughly

@@ -298,8 +298,9 @@ def add_cloud(sub):
     p.add_argument("--group", default="edgesplit", help="shared-subscription group (default edgesplit)")
     p.add_argument("--fleet", default="+", help="serve only this fleet (default: every fleet)")
     p.add_argument("--max-batch", type=int, default=32, help="most frames per tail run (default 32)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0,
-                   help="how long the first frame of a batch waits for others (default 5 ms; 0: never)")
+    p.add_argument("--max-wait-ms", type=float, default=0.0,
+                   help="how long the first frame of a batch waits for others (default 0: a batch is what "
+                        "queued while the last one ran)")
     p.add_argument("--threads", type=int, default=None, help="interpreter threads per worker (default: LiteRT's)")
     p.add_argument("--stats-every", type=float, default=30.0, metavar="S",
                    help="log a stats line every S seconds (default 30; 0: only at exit)")
@@ -496,7 +497,7 @@ def add_plan(sub):
     p.add_argument("--hop-ms", type=float, default=None, metavar="MS",
                    help="MQTT client + broker work per hop (4 hops per request; default 0.5)")
     p.add_argument("--cloud-wait-ms", type=float, default=None, metavar="MS",
-                   help="the cloud worker's micro-batch wait (its --max-wait-ms; default 5)")
+                   help="the cloud worker's micro-batch wait (its --max-wait-ms; default 0)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run_plan)
 

@@ -231,6 +231,9 @@ def filter_matches(topic_filter: str, topic: str) -> bool:
     return paho.topic_matches_sub(topic_filter, topic)
 
 
+_MAX_ROUTES = 10_000      # topics whose matching handlers are remembered
+
+
 class Delivery:
     """A publish in flight.  ``wait(timeout)`` is True once the broker has it (PUBACK for QoS 1)."""
 
@@ -305,6 +308,9 @@ class MqttClient:
 
         self._lock = threading.Lock()
         self._subs: dict[str, tuple[int, Handler]] = {}
+        # topic -> the handlers whose filters match it: a worker sees the same few topics (one per
+        # device) again and again, and matching every filter per message cost ~10 % of its CPU
+        self._routes: dict[str, tuple[Handler, ...]] = {}
         self._pending_subacks: set[int] = set()
         self._unsubacks: dict[int, threading.Event] = {}
         self._deliveries: dict[int, Delivery] = {}
@@ -410,6 +416,7 @@ class MqttClient:
             raise UsageError(f"subscription QoS {qos} is not 0, 1 or 2")
         with self._lock:
             self._subs[topic_filter] = (qos, handler)
+            self._routes.clear()
             if self._connected.is_set():
                 self._subscribed.clear()
                 self._send_subscribe([(topic_filter, qos)])
@@ -430,6 +437,7 @@ class MqttClient:
             acked = done.wait(timeout)
         with self._lock:
             self._subs.pop(topic_filter, None)
+            self._routes.clear()
         return acked
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> Delivery:
@@ -607,8 +615,13 @@ class MqttClient:
 
     def _handle_message(self, client, userdata, message) -> None:
         topic = message.topic
-        with self._lock:
-            handlers = [h for f, (_, h) in self._subs.items() if filter_matches(f, topic)]
+        handlers = self._routes.get(topic)
+        if handlers is None:
+            with self._lock:
+                handlers = tuple(h for f, (_, h) in self._subs.items() if filter_matches(f, topic))
+                if len(self._routes) >= _MAX_ROUTES:
+                    self._routes.clear()
+                self._routes[topic] = handlers
         if not handlers:
             log.debug("no handler for message on %s", topic)
         for h in handlers:
