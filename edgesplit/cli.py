@@ -294,6 +294,9 @@ def add_cloud(sub):
     p.add_argument("--bundle", required=True, nargs="+", metavar="B",
                    help="bundle directories or .tar.gz files to serve (frames name their bundle by id)")
     p.add_argument("--broker", required=True, metavar="URL", help="mqtt://host:port or mqtts://user:pass@host:8883")
+    p.add_argument("--password-file", default=None, metavar="FILE",
+                   help="read the broker password from FILE (first line) instead of the URL, so it never shows "
+                        "in the process list; e.g. $CREDENTIALS_DIRECTORY/broker-password under systemd")
     p.add_argument("--workers", type=int, default=1, help="worker processes on one shared subscription (default 1)")
     p.add_argument("--group", default="edgesplit", help="shared-subscription group (default edgesplit)")
     p.add_argument("--fleet", default="+", help="serve only this fleet (default: every fleet)")
@@ -316,9 +319,11 @@ def add_cloud(sub):
 def run_cloud(args) -> int:
     from cloud import worker
 
+    password = worker.read_password_file(args.password_file) if args.password_file else None
     result = worker.serve(args.bundle, args.broker, workers=args.workers, group=args.group, fleet=args.fleet,
                           max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, stats_every=args.stats_every,
-                          num_threads=args.threads, keys=args.keys, replay_window_s=args.replay_window)
+                          num_threads=args.threads, keys=args.keys, replay_window_s=args.replay_window,
+                          password=password)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
     return 0
 

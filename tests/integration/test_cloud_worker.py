@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -209,3 +210,40 @@ def test_refused_credentials_exit_78_with_one_message(make_mosquitto, cloud_bund
     assert proc.stderr.count("refused the connection") == 1, proc.stderr
     assert "wrong" not in proc.stderr and "fix:" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_password_file_keeps_the_password_off_the_command_line(make_mosquitto, cloud_bundle, cloud_command, tmp_path,
+                                                                workers):
+    b = make_mosquitto(users={"cloud": "s3cret-pw", "dev": "devpw"})
+    pw = tmp_path / "broker-password"
+    pw.write_text("s3cret-pw\n")                      # as `edgesplit broker config` writes it: one line
+    url = b.url.replace("mqtt://", "mqtt://cloud@")
+    cloud = cloud_command(url, cloud_bundle.root, "--password-file", pw, "--workers", str(workers))
+    dev = Device(b.url.replace("mqtt://", "mqtt://dev:devpw@"))
+    try:
+        cloud.wait_ready(n_workers=workers)
+        cmdlines = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in [cloud.proc.pid, *cloud.worker_pids()]]
+        assert all(b"s3cret-pw" not in c for c in cmdlines), cmdlines
+        frames = _features(cloud_bundle, 20, seed=5)
+        for f in frames:
+            dev.send(encode_frame(f))
+        assert dev.wait(results=len(frames), timeout=60), len(dev.results)
+        assert sorted(r.request_id for r in dev.results) == [f.request_id for f in frames]
+    finally:
+        cloud.kill()
+        dev.client.stop()
+
+
+@pytest.mark.parametrize("content, code, words", [(None, 2, "does not exist"), ("", 2, "is empty"),
+                                                  ("wrong\n", 78, "refused the connection")])
+def test_a_bad_password_file_is_one_clear_error(make_mosquitto, cloud_bundle, tmp_path, content, code, words):
+    b = make_mosquitto(users={"cloud": "right"})
+    pw = tmp_path / "pw"
+    if content is not None:
+        pw.write_text(content)
+    proc = subprocess.run([sys.executable, "-m", "edgesplit", "cloud", "--bundle", str(cloud_bundle.root),
+                           "--broker", b.url.replace("mqtt://", "mqtt://cloud@"), "--password-file", str(pw)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code, proc.stderr
+    assert words in proc.stderr and "fix:" in proc.stderr and "Traceback" not in proc.stderr

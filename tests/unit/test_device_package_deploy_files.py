@@ -26,7 +26,8 @@ def test_compose_file_runs_mosquitto_with_the_generated_config_and_the_cloud_wor
     c = services["cloud"]
     cmd = " ".join(c["command"])
     assert "edgesplit cloud" in cmd and "--bundle" in cmd and "mqtts://" in cmd and "@mosquitto:8883" in cmd
-    assert "/run/secrets/broker_password" in cmd and "?ca=/run/secrets/broker_ca" in cmd
+    assert "--password-file /run/secrets/broker_password" in cmd and "?ca=/run/secrets/broker_ca" in cmd
+    assert "cat " not in cmd, "the password must not be put on the worker's command line"
     assert "password" not in str(c.get("environment", {})).lower()
     assert set(c["secrets"]) == {"broker_password", "broker_ca"}
     assert c["depends_on"] == ["mosquitto"] and c["stop_signal"] == "SIGTERM"
@@ -53,6 +54,8 @@ def test_units_have_what_systemd_needs(name):
         assert "edgesplit cloud" in k["Service.ExecStart"][0] and "--workers" in k["Service.ExecStart"][0]
         assert sorted(v.split(":")[0] for v in k["Service.LoadCredential"]) == ["broker-ca", "broker-password"]
         assert "$${CREDENTIALS_DIRECTORY}" in k["Service.ExecStart"][0], "let the shell, not systemd, expand it"
+        assert '--password-file "$${CREDENTIALS_DIRECTORY}/broker-password"' in k["Service.ExecStart"][0]
+        assert "$(cat" not in k["Service.ExecStart"][0], "the password must not be on the command line"
     if name == "mosquitto.service":
         assert k["Service.Type"] == ["notify"] and "mosquitto -c" in k["Service.ExecStart"][0]
         assert "HUP" in k["Service.ExecReload"][0]
