@@ -711,7 +711,7 @@ def run(bundle: str, broker: str | None, device_id: str | None, inputs: Sequence
         batch_size: int = DEFAULT_BATCH, num_threads: int | None = None, interpreter: str | None = None,
         key_file: str | None = None, outbox: str | None = None, client_id: str | None = None,
         camera_interval: float = 0.0, credentials: str | None = None, username: str | None = None,
-        password_file: str | None = None, tls_ca: str | None = None,
+        password_file: str | None = None, tls_ca: str | None = None, resend_after: float | None = 10.0,
         on_result: Callable[[DeviceResult], None] | None = None) -> RunSummary:
     """``edgesplit device run``: send ``inputs`` and hand each result to ``on_result``.
 
@@ -735,6 +735,9 @@ def run(bundle: str, broker: str | None, device_id: str | None, inputs: Sequence
     creds.pop("fleet", None)
     if not broker:
         raise UsageError("no broker given", fix="pass --broker mqtt://host:1883 (or --credentials DIR)")
+    if resend_after is not None and not resend_after > 0:
+        raise UsageError(f"--resend-after must be a positive number of seconds, got {resend_after}",
+                         fix="e.g. --resend-after 10 (or 0 for never)")
     if not device_id:
         raise UsageError("no device id given", fix="pass --device-id ID (or --credentials DIR)")
     if username:
@@ -760,7 +763,7 @@ def run(bundle: str, broker: str | None, device_id: str | None, inputs: Sequence
     live = any(sources.parse_camera_spec(s) is not False for s in specs if not os.path.exists(s))
     agent = DeviceAgent(bundle, broker, device_id, fleet, max_in_flight=max_in_flight, batch_size=batch_size,
                         timeout=timeout, num_threads=num_threads, interpreter=interpreter, key=key, outbox=outbox,
-                        **creds)
+                        resend_after=resend_after, **creds)
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, lambda *_: agent.request_stop())

@@ -216,6 +216,9 @@ def add_device(sub):
     r.add_argument("--timeout", type=float, default=30.0, metavar="S",
                    help="seconds a request may wait for its answer before it is reported as a timeout "
                         "(default 30; 0 waits for ever)")
+    r.add_argument("--resend-after", type=float, default=10.0, metavar="S",
+                   help="send a request again when it has waited S seconds for its answer (a worker died "
+                        "holding it; the cloud answers each request once); default 10, 0 never")
     r.add_argument("--max-in-flight", type=int, default=64, metavar="N",
                    help="unanswered requests allowed at once (default 64)")
     r.add_argument("--batch", type=int, default=32, metavar="N", help="inputs per head invocation (default 32)")
@@ -245,7 +248,7 @@ def run_device(args) -> int:
                         num_threads=args.threads, interpreter=args.interpreter, key_file=args.key,
                         outbox=args.outbox, client_id=args.client_id, camera_interval=args.camera_interval,
                         credentials=args.credentials, username=args.username, password_file=args.password_file,
-                        tls_ca=args.ca, on_result=emit)
+                        tls_ca=args.ca, resend_after=args.resend_after or None, on_result=emit)
     print(summary.summary(), file=sys.stderr)
     if args.stats_json:
         with open(args.stats_json, "w") as fh:

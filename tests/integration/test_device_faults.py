@@ -92,3 +92,38 @@ def test_device_killed_mid_stream_resends_its_outbox(mosquitto_broker, tiny_bund
     out, err = dev.communicate(timeout=120)
     assert dev.returncode == 0 and out.strip() == "", err
     spy.stop()
+
+
+@pytest.mark.parametrize("resend_after, answered", [("1", 20), ("0", 0)])
+def test_resend_after_recovers_requests_no_worker_received(mosquitto_broker, tiny_bundle, start_worker, tmp_path,
+                                                           resend_after, answered):
+    """Frames published while no worker listens are gone (no one holds a session for them): only the
+    device's resend brings them to the worker that starts later; --resend-after 0 never resends."""
+    from converter import datasets
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    x, _ = datasets.synthetic_images(20, seed=3)
+    for i, img in enumerate(np.round(x[..., 0] * 255).astype(np.uint8)):
+        Image.fromarray(img, "L").save(folder / f"{i:04d}.png")
+    url = mosquitto_broker.url
+    published: list[int] = []
+    spy = MqttClient(url)
+    spy.subscribe(topics.features("lab", "pi-resend"), lambda t, p: published.append(decode_frame(p).request_id))
+    assert spy.start(wait_connected=10)
+    dev = _device(tmp_path, "--broker", url, "--device-id", "pi-resend", "--fleet", "lab", "--bundle",
+                  tiny_bundle.root, "--timeout", 8, "--resend-after", resend_after, folder)
+    deadline = time.monotonic() + 60
+    while len(published) < 20 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(published) >= 20, "the device did not publish its inputs"
+    start_worker(url, tiny_bundle)                    # too late for the first publication of each
+    out, err = dev.communicate(timeout=120)
+    results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(results) == 20, err
+    ok = [r for r in results if not r.get("error")]
+    assert len(ok) == answered, err
+    if answered == 0:
+        assert all("timeout" in r["error"] for r in results)
+    spy.stop()
