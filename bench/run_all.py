@@ -87,13 +87,21 @@ def _summary(out: Path, ran, failed, missing, quick: bool, seconds: float) -> No
              f"{seconds / 60:.0f} min in all.", ""]
     targets = []
     sections = []
-    for name, code, secs in ran + failed:
+    this_run = {r[0] for r in ran + failed}
+    earlier = []
+    # every benchmark's latest results: this run's, and those left by an earlier run (--only/--skip)
+    for name, _, _ in BENCHES:
         js = out / f"{name}.json"
         md = out / f"{name}.md"
+        if name not in this_run:
+            if not js.is_file():
+                continue
+            earlier.append(name)
+        label = name if name in this_run else f"{name} (earlier run)"
         if js.is_file():
             try:
                 d = json.loads(js.read_text())
-                targets += [(name, t) for t in d.get("targets", [])]
+                targets += [(label, t) for t in d.get("targets", [])]
             except ValueError:
                 pass
         if md.is_file():
@@ -107,10 +115,13 @@ def _summary(out: Path, ran, failed, missing, quick: bool, seconds: float) -> No
         lines += ["## Failed", ""] + [f"* {n}: exit {c} after {s:.0f} s" for n, c, s in failed] + [""]
     if missing:
         lines += [f"Not run (script missing): {', '.join(missing)}", ""]
+    if earlier:
+        lines += [f"Not run this time, results of an earlier run (their own headers give its date): "
+                  f"{', '.join(earlier)}", ""]
     lines += sections
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     summary = {"quick": quick, "machine": m, "seconds": seconds, "ran": [r[0] for r in ran],
-               "failed": [f[0] for f in failed], "missing": missing,
+               "failed": [f[0] for f in failed], "missing": missing, "earlier": earlier,
                "targets": [dict(t, benchmark=n) for n, t in targets]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(f"\nwrote {out / 'summary.md'}; ran {len(ran)}, failed {len(failed)}, missing {len(missing)}")
