@@ -426,29 +426,6 @@ def _child(kwargs: dict, results) -> None:
     results.put((kwargs.get("name"), "stats", stats.to_dict(), None))
 
 
-def read_password_file(path: str | os.PathLike) -> str:
-    """The broker password kept in ``path`` (its first line), so that it never shows in the process list.
-
-    With systemd, ``LoadCredential=broker-password:/etc/edgesplit/cloud/password`` and
-    ``--password-file ${CREDENTIALS_DIRECTORY}/broker-password``.
-    """
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"password file {p} does not exist",
-                         fix="give the file holding the broker password (cloud/<user>/password of "
-                             "`edgesplit broker config`)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read the password file {p}: {exc}",
-                         fix="make it a readable UTF-8 text file holding the password on its first line") from None
-    lines = text.splitlines()
-    password = lines[0] if lines else ""
-    if not password:
-        raise UsageError(f"password file {p} is empty", fix="write the broker password on its first line")
-    return password
-
-
 def serve(bundles: list[str], broker: str, *, workers: int = 1, group: str = DEFAULT_GROUP, fleet: str = "+",
           max_batch: int = 32, max_wait_ms: float = 0.0, stats_every: float = 30.0,
           num_threads: int | None = None, keys=None,
@@ -457,7 +434,7 @@ def serve(bundles: list[str], broker: str, *, workers: int = 1, group: str = DEF
 
     ``keys``: a directory of ``<device-id>.key`` files, or such files (a list of paths):
     frames must then be signed by their device (see :func:`load_keys`).  ``password``: the
-    broker password when the URL names only the user (see :func:`read_password_file`).
+    broker password when the URL names only the user (see :func:`protocol.mqtt.read_password_file`).
     """
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")

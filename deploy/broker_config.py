@@ -98,8 +98,8 @@ class BrokerConfig:
         lines = [f"Mosquitto configuration for fleet {self.fleet!r} written to {self.broker_dir}",
                  f"  listener : TLS only, port {self.port} ({self.broker_url}); no plain TCP; anonymous refused",
                  f"  users    : {len(self.devices)} device(s), cloud: {', '.join(self.cloud_users)}",
-                 f"  ACL      : each device writes only its own features/status and reads only its own results;"
-                 f" cloud users read all features, write results and dead letters; nothing else"]
+                 "  ACL      : each device writes only its own features/status and reads only its own results;"
+                 " cloud users read all features, write results and dead letters; nothing else"]
         if self.created:
             lines.append(f"  new      : {', '.join(self.created)}")
         else:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protocol.errors import CheckFailed, EdgesplitError, UsageError
+from protocol.errors import CheckFailed, UsageError
 
 log = logging.getLogger(__name__)
 

@@ -121,7 +121,7 @@ def _check_target(image: Path, i_know: bool) -> bool:
     if block or text.startswith("/dev/") or os.path.realpath(text).startswith("/dev/"):
         if not i_know:
             raise UsageError(f"{image} is a device, not an image file: writing to it changes a real disk",
-                             fix=f"check it is the SD card you mean (lsblk), unmount it, then add --i-know")
+                             fix="check it is the SD card you mean (lsblk), unmount it, then add --i-know")
         if not block:
             raise UsageError(f"{image} is not a block device", fix="give an .img file or an SD card's block device")
         _refuse_mounted(image)

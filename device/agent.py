@@ -48,10 +48,10 @@ from device.preprocess import Preprocessor
 from device.runtime import Model
 from device import sources
 from protocol import topics
-from protocol.errors import BundleError, ConfigError, EdgesplitError, FrameError, UsageError
+from protocol.errors import BundleError, ConfigError, FrameError, UsageError
 from protocol.frame import RESULT, Frame, decode_frame, encode_frame, now_us
 from protocol.manifest import Bundle, load_bundle
-from protocol.mqtt import MqttClient, Will
+from protocol.mqtt import MqttClient, Will, read_password_file
 
 log = logging.getLogger(__name__)
 
@@ -695,12 +695,7 @@ def load_credentials(directory: str | os.PathLike) -> dict:
                            "fleet": info.get("fleet"), "username": info.get("username"),
                            "client_id": info.get("client_id")}
     if info.get("password_file"):
-        pw = d / info["password_file"]
-        try:
-            out["password"] = pw.read_text().strip()
-        except OSError as exc:
-            raise UsageError(f"cannot read the broker password {pw}: {exc}",
-                             fix="check the file and its permissions (readable by the service user only)") from None
+        out["password"] = read_password_file(d / info["password_file"])
     if info.get("ca_file"):
         out["tls_ca"] = str(d / info["ca_file"])
     return {k: v for k, v in out.items() if v is not None}
@@ -743,10 +738,7 @@ def run(bundle: str, broker: str | None, device_id: str | None, inputs: Sequence
     if username:
         creds["username"] = username
     if password_file:
-        try:
-            creds["password"] = Path(password_file).read_text().strip()
-        except OSError as exc:
-            raise UsageError(f"cannot read the password file {password_file}: {exc}") from None
+        creds["password"] = read_password_file(password_file)
     if tls_ca:
         creds["tls_ca"] = tls_ca
     if client_id:

@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 # a fixed name: under `python -m device.service` __name__ is "__main__"
 log = logging.getLogger("device.service")

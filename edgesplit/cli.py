@@ -322,7 +322,9 @@ def add_cloud(sub):
 def run_cloud(args) -> int:
     from cloud import worker
 
-    password = worker.read_password_file(args.password_file) if args.password_file else None
+    from protocol.mqtt import read_password_file
+
+    password = read_password_file(args.password_file) if args.password_file else None
     result = worker.serve(args.bundle, args.broker, workers=args.workers, group=args.group, fleet=args.fleet,
                           max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, stats_every=args.stats_every,
                           num_threads=args.threads, keys=args.keys, replay_window_s=args.replay_window,

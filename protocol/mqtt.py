@@ -63,6 +63,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+from pathlib import Path
 from typing import Callable
 
 import paho.mqtt.client as paho
@@ -219,6 +220,30 @@ def parse_url(url: str, *, username: str | None = None, password: str | None = N
         raise UsageError("a TLS client certificate needs both cert and key", fix="give ?cert=...&key=...")
     return BrokerUrl(host=host, port=port, tls=tls, username=user, password=pw, ca=ca, cert=cert, key=key,
                      protocol=proto)
+
+
+def read_password_file(path: str | os.PathLike) -> str:
+    """The broker password kept in ``path`` (its first line), so that it never shows in the process list.
+
+    With systemd, e.g. ``LoadCredential=broker-password:/etc/edgesplit/cloud/password`` and
+    ``--password-file ${CREDENTIALS_DIRECTORY}/broker-password``.  UsageError (exit 2) when the
+    file is missing, unreadable or empty.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"password file {p} does not exist",
+                         fix="give the file holding the broker password (the password file of the user's "
+                             "directory from `edgesplit broker config`)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read the password file {p}: {exc}",
+                         fix="make it a readable UTF-8 text file holding the password on its first line") from None
+    lines = text.splitlines()
+    password = lines[0] if lines else ""
+    if not password:
+        raise UsageError(f"password file {p} is empty", fix="write the broker password on its first line")
+    return password
 
 
 def filter_matches(topic_filter: str, topic: str) -> bool:
