@@ -107,9 +107,9 @@ def hil_bundle() -> HilBundle:
     paper = _paper_bundle()
     if paper is not None:
         return paper
-    from unit.test_device_runtime import tiny_artifacts
+    from fixtures_models import tiny_models
 
-    return HilBundle(tiny_artifacts() / "bundle",
+    return HilBundle(tiny_models() / "bundle",
                      "tiny test CNN (trained on synthetic shapes) cut pool1, int8 — paper-cnn is not in the cache yet")
 
 

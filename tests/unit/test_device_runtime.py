@@ -7,8 +7,6 @@ import pytest
 from device.runtime import BACKENDS, Model, TensorInfo, dequantize, pick_backend, quantize
 from protocol.errors import UsageError
 
-from fixtures_models import tiny_models as tiny_artifacts  # noqa: F401  (tests/hil/conftest.py imports it from here)
-
 
 def test_picks_litert_first_and_says_so(caplog):
     b = pick_backend()
