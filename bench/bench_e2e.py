@@ -513,7 +513,7 @@ def _tables(rep, link: str, res: dict, device_ref: dict | None, plans: dict, pro
     tail_ms = {c["cut"]: c["tail_ms"]["median"] for c in prof_dict["cuts"]}
     for name, r in res.items():
         if "error" in r:
-            rows_t.append([name, "failed: " + r["error"][:60]] + [""] * 8)
+            rows_t.append([name, "failed: " + r["error"][:60]] + [""] * 9)
             continue
         thr = _med(r["throughput"], "throughput")
         echo = _med(r.get("echo") or [], "throughput")
@@ -527,12 +527,14 @@ def _tables(rep, link: str, res: dict, device_ref: dict | None, plans: dict, pro
                        common.fmt_spread(echo, ",.0f") if echo.get("n") else "-", common.fmt(ratio, ".2f"),
                        common.fmt_spread(head, ",.0f") if head.get("n") else "-",
                        common.fmt(_lat(r["throughput"], "p50").get("median"), ".1f"),
+                       common.fmt(_lat(r["throughput"], "p95").get("median"), ".1f"),
                        common.fmt(_lat(r["throughput"], "p99").get("median"), ".1f"), str(lost)])
         lat = r["latency"]["latency_ms"]
         pred, pred_cal = _predicted(plans.get("shipped"), name), _predicted(plans.get("calibrated"), name)
         e, e_cal = _err(pred, lat.get("median")), _err(pred_cal, lat.get("median"))
         rows_l.append([name, str(lat.get("n", 0)), common.fmt(lat.get("median"), ".1f"),
-                       common.fmt(lat.get("p95"), ".1f"), common.ratio(lat.get("median"), dev_p50),
+                       common.fmt(lat.get("p95"), ".1f"), common.fmt(lat.get("p99"), ".1f"),
+                       common.ratio(lat.get("median"), dev_p50),
                        common.fmt(pred, ".1f"), _pct(e), common.fmt(pred_cal, ".1f"), _pct(e_cal)])
         cpu_e2e, cpu_echo = _cpu(r["throughput"]), _cpu(r.get("echo") or [])
         compute = None
@@ -555,13 +557,14 @@ def _tables(rep, link: str, res: dict, device_ref: dict | None, plans: dict, pro
     where = "loopback (127.0.0.1)" if link == "loopback" else \
         f"a shaped link: {link}, 40 ms RTT (tbf rate both ways, relay delay 20 ms each way)"
     rep.table(f"throughput-{link}", ["option", "bytes/req", "requests", "req/s", "echo req/s", "e2e/echo",
-                                     "head-only req/s", "p50 ms", "p99 ms", "lost"], rows_t,
+                                     "head-only req/s", "p50 ms", "p95 ms", "p99 ms", "lost"], rows_t,
               title=f"Throughput over {where}, window {rep.settings['window']}",
               notes=["req/s: median over repeats (± half the range); echo: bare MQTT echo with the same payloads, "
                      "QoS 1 and window, same broker, same run",
                      "head-only: the device's head alone, batches of 32 as the agent runs it, no network (the "
                      "device's compute ceiling)",
-                     "p50/p99: latency with the window full (queueing included); bytes/req: MQTT payload",
+                     "p50/p95/p99: latency with the window full (queueing included), median over repeats; bytes/req: MQTT "
+                     "payload",
                      "device: the whole int8 model on one thread, batches of 32, no network"])
     if rows_c:
         rep.table(f"cpu-{link}", ["option", "device", "broker", "cloud", "total", "echo total", "model alone",
@@ -578,7 +581,8 @@ def _tables(rep, link: str, res: dict, device_ref: dict | None, plans: dict, pro
                          "shared cores",
                          "when the cores are the limit, e2e/echo req/s follows echo/e2e CPU: the model's work is "
                          "what the echo does not do"])
-    rep.table(f"latency-{link}", ["option", "n", "p50 ms", "p95 ms", "p50 vs device", "planner ms", "error",
+    rep.table(f"latency-{link}", ["option", "n", "p50 ms", "p95 ms", "p99 ms", "p50 vs device", "planner ms",
+                                  "error",
                                   "planner ms (cal.)", "error (cal.)"], rows_l,
               title=f"One request at a time over {where}",
               notes=["from the input on the device to the answer back on the device (median of n requests)",
