@@ -204,9 +204,23 @@ def usable_note(result) -> str:
     return ""
 
 
+_DEFAULTED = {"tv": "grows with depth", "max_bytes": "no budget", "max_head_ms": "no budget",
+              "min_accuracy": "no budget"}
+
+
+def _setting_text(key: str, value, result) -> str:
+    """A setting as a reader wants it: what a defaulted (None) option actually meant in this run."""
+    if value is not None:
+        return str(value)
+    if key == "cuts":
+        return "every valid cut: " + ", ".join(c.name for c in result.cuts)
+    return _DEFAULTED.get(key, "default")
+
+
 def _settings_table(result) -> str:
     s = result.spec.to_dict()
-    rows = "".join(f"<tr><td class='l'>{_e(k)}</td><td class='l'>{_e(v)}</td></tr>" for k, v in s.items())
+    rows = "".join(f"<tr><td class='l'>{_e(k)}</td><td class='l'>{_e(_setting_text(k, v, result))}</td></tr>"
+                   for k, v in s.items())
     rows += "".join(f"<tr><td class='l'>{_e(k)}</td><td class='l'>{_e(v)}</td></tr>"
                     for k, v in result.versions.items())
     rows += f"<tr><td class='l'>run time</td><td class='l'>{result.seconds:.0f} s</td></tr>"
