@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from protocol.errors import UsageError
+from protocol.tensors import json_default
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -644,17 +645,6 @@ def _versions() -> dict:
 
 def save_json(result: AuditResult, path) -> Path:
     path = Path(path)
-    path.write_text(json.dumps(result.to_dict(), indent=2, default=_json_default) + "\n")
+    path.write_text(json.dumps(result.to_dict(), indent=2, default=json_default) + "\n")
     return path
 
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

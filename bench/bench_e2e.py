@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
 from bench.bench_echo import Requester, echo_id, echo_reply, stamp  # noqa: E402
+from protocol.tensors import json_default  # noqa: E402
 
 log = logging.getLogger("bench.e2e")
 
@@ -374,7 +375,7 @@ def role_device(cfg: dict) -> None:
             results[v["name"]] = {"error": f"{type(exc).__name__}: {exc}"}
         results[v["name"]]["seconds"] = time.perf_counter() - t0
         print(f"[{cfg['link']}] {v['name']}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    print(json.dumps(results, default=common._json_default), flush=True)
+    print(json.dumps(results, default=json_default), flush=True)
 
 
 ROLES = {"worker": role_worker, "server": role_server, "device": role_device}

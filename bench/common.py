@@ -43,6 +43,8 @@ if str(ROOT) not in sys.path:           # run as `python bench/x.py` from anywhe
 
 import numpy as np  # noqa: E402
 
+from protocol.tensors import json_default  # noqa: E402
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 log = logging.getLogger(__name__)
 
@@ -56,33 +58,17 @@ QUANT_LABEL = {"int8": "int8", "float16": "float16", "none": "float32", "dynamic
 # --------------------------------------------------------------------------- machine and versions
 
 def machine() -> dict:
-    """The machine a result was measured on (CPU, cores, memory, load)."""
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gib = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_gib = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    try:
-        load = [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        load = None
+    """The machine a result was measured on: ``device.profile.machine_info()`` (CPU, cores, memory,
+    load, board) plus the cores this process may use and the kernel."""
+    from device.profile import machine_info
+
+    m = machine_info()
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count()
-    return {"cpu": cpu, "machine": platform.machine(), "cores": os.cpu_count(), "usable_cores": usable,
-            "memory_gib": mem_gib, "load_avg_1_5_15": load, "kernel": platform.release(),
-            "os": platform.platform(terse=True), "python": platform.python_version()}
+    m.update(usable_cores=usable, kernel=platform.release())
+    return m
 
 
 def versions() -> dict:
@@ -321,22 +307,10 @@ class Report:
         for n in self.notes:
             print(f"note: {n}")
         path = out / f"{self.name}.json"
-        path.write_text(json.dumps(self.to_dict(), indent=1, default=_json_default) + "\n")
+        path.write_text(json.dumps(self.to_dict(), indent=1, default=json_default) + "\n")
         (out / f"{self.name}.md").write_text(self.markdown())
         print(f"\nwrote {path} and {path.with_suffix('.md')} ({time.perf_counter() - self.t0:.0f} s)", flush=True)
         return path
-
-
-def _json_default(o):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def parse_args(description: str, add: Callable[[argparse.ArgumentParser], None] | None = None,

@@ -9,6 +9,8 @@ with rounding half away from zero when quantizing (as TFLite's QUANTIZE op).
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 #: integer dtypes a quantized tensor may have, with their ranges
@@ -34,3 +36,16 @@ def quantize(x: np.ndarray, scale: float, zero_point: int, dtype: str = "int8") 
     # TFLite rounds half away from zero (std::round); numpy's round is half to even.
     r = np.sign(v) * np.floor(np.abs(v) + np.float32(0.5))
     return np.clip(r + zero_point, lo, hi).astype(dtype)
+
+
+def json_default(o):
+    """``json.dumps(..., default=json_default)``: numpy scalars and arrays, and paths, as JSON values."""
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, os.PathLike):
+        return os.fspath(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

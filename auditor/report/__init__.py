@@ -38,9 +38,9 @@ def write_report(result, out) -> dict:
 
 def to_json(result) -> dict:
     """``result.to_dict()`` made strictly JSON (no NaN / numpy types)."""
-    from auditor.audit import _json_default
+    from protocol.tensors import json_default
 
-    text = json.dumps(result.to_dict(), default=_json_default)
+    text = json.dumps(result.to_dict(), default=json_default)
     return _clean(json.loads(text))
 
 
