@@ -46,15 +46,21 @@ def _device(tmp_path, *args):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_device_killed_mid_stream_resends_its_outbox(mosquitto_broker, tiny_bundle, start_worker, tmp_path):
+def _image_folder(tmp_path, n, seed):
+    """A folder of ``n`` synthetic 28x28 PNG images, as a user's camera roll would be."""
     from converter import datasets
     from PIL import Image
 
     folder = tmp_path / "imgs"
     folder.mkdir()
-    x, _ = datasets.synthetic_images(200, seed=9)
+    x, _ = datasets.synthetic_images(n, seed=seed)
     for i, img in enumerate(np.round(x[..., 0] * 255).astype(np.uint8)):
         Image.fromarray(img, "L").save(folder / f"{i:04d}.png")
+    return folder
+
+
+def test_device_killed_mid_stream_resends_its_outbox(mosquitto_broker, tiny_bundle, start_worker, tmp_path):
+    folder = _image_folder(tmp_path, 200, seed=9)
     url = mosquitto_broker.url
     outbox = tmp_path / "outbox.sqlite"
 
@@ -99,14 +105,7 @@ def test_resend_after_recovers_requests_no_worker_received(mosquitto_broker, tin
                                                            resend_after, answered):
     """Frames published while no worker listens are gone (no one holds a session for them): only the
     device's resend brings them to the worker that starts later; --resend-after 0 never resends."""
-    from converter import datasets
-    from PIL import Image
-
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    x, _ = datasets.synthetic_images(20, seed=3)
-    for i, img in enumerate(np.round(x[..., 0] * 255).astype(np.uint8)):
-        Image.fromarray(img, "L").save(folder / f"{i:04d}.png")
+    folder = _image_folder(tmp_path, 20, seed=3)
     url = mosquitto_broker.url
     published: list[int] = []
     spy = MqttClient(url)
