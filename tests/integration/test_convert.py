@@ -28,9 +28,11 @@ def shapes():
     return datasets.Mnist(x_train, y_train, x_test, y_test)
 
 
-def _train(model, data):
+def _train(model, data, *, logits=False):
     keras.utils.set_random_seed(0)
-    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy")
+    # a model that ends in logits must be trained as such: read as probabilities it diverges
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=logits)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=loss)
     model.fit(data.x_train, data.y_train, epochs=3, batch_size=32, verbose=0)
     return model
 
@@ -63,7 +65,7 @@ def res_model(shapes):
     x = L.Flatten(name="flatten")(x)
     x = L.Dense(24, activation="relu", name="dense1")(x)
     out = L.Dense(10, name="logits")(x)  # no softmax: the output is logits
-    return _train(keras.Model(inp, out, name="res_cnn"), shapes)
+    return _train(keras.Model(inp, out, name="res_cnn"), shapes, logits=True)
 
 
 def _interpreter(path):
