@@ -380,3 +380,56 @@ def test_tls_with_another_ca_is_a_config_error_once(tls_broker, tmp_path):
         assert len(fatal) == 1 and not c.connected
     finally:
         c.stop()
+
+
+def _burst_payloads():
+    """Payloads around MQTT's length-byte boundaries and the adapter's 64 KiB read chunk."""
+    sizes = [0, 1, 126, 127, 128, 129, 16_382, 16_383, 16_384, 65_535, 65_536, 70_000, 200_000]
+    out = [bytes([i % 256]) * n for i, n in enumerate(sizes)]
+    out += [f"small-{i}".encode() for i in range(1500)]           # many packets per read
+    return out
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+def test_a_burst_read_in_chunks_arrives_whole_and_in_order(broker, topic_root, qos):
+    """The adapter reads the socket 64 KiB at a time; every message already read must reach the
+    handler at once, not wait for the next bytes (keepalive 60 s: a stall would show)."""
+    got, first = [], threading.Event()
+
+    def slow_first(topic, payload):          # holds the network thread while the broker fills the socket
+        if not first.is_set():
+            first.set()
+            time.sleep(0.5)
+        got.append(payload)
+
+    want = _burst_payloads()
+    sub = _client(broker.url, keepalive=60, max_inflight=1000)
+    sub.subscribe(f"{topic_root}/burst", slow_first, qos=qos)
+    pub = _client(broker.url, max_inflight=1000)
+    try:
+        assert sub.start(wait_connected=10) and pub.start(wait_connected=10)
+        deliveries = [pub.publish(f"{topic_root}/burst", p, qos=qos) for p in want]
+        assert deliveries[-1].wait(20)
+        assert _wait_for(lambda: len(got) >= len(want), timeout=10), f"{len(got)} of {len(want)} arrived"
+        assert got == want
+    finally:
+        pub.stop()
+        sub.stop()
+
+
+def test_tls_burst_arrives_whole(tls_broker, topic_root):
+    b, port, ca = tls_broker
+    got = []
+    want = _burst_payloads()[:200]
+    sub = _client(f"mqtts://127.0.0.1:{port}?ca={ca}", keepalive=60, max_inflight=1000)
+    sub.subscribe(f"{topic_root}/tb", lambda t, p: got.append(p))
+    pub = _client(f"mqtts://127.0.0.1:{port}?ca={ca}", max_inflight=1000)
+    try:
+        assert sub.start(wait_connected=10) and pub.start(wait_connected=10)
+        for p in want:
+            pub.publish(f"{topic_root}/tb", p, qos=1)
+        assert _wait_for(lambda: len(got) >= len(want), timeout=10), f"{len(got)} of {len(want)} arrived"
+        assert got == want
+    finally:
+        pub.stop()
+        sub.stop()
