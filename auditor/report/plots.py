@@ -90,23 +90,31 @@ def information_plane(result) -> bytes:
     return _png(fig)
 
 
-def _label_groups(ax, names, xs, ys):
-    """One label per point, cuts that land on the same spot (e.g. all on the ceiling) named together."""
-    groups = []
-    span_x = (max(xs) - min(xs)) or 1.0
+def _label_groups(ax, names, xs, ys, *, log_x: bool = False, near: float = 0.04) -> list[str]:
+    """One label per spot: cuts that land within ``near`` of each other (a share of the axis span,
+    in log space on a log axis) are named together, e.g. "conv1, pool1" for two cuts with the same
+    latency, instead of two labels printed over each other.  Labels point inwards, away from the
+    nearer edge, so none runs off the axes.  Returns the label texts (for tests)."""
+    px = [np.log10(x) if log_x and x > 0 else x for x in xs]
+    span_x = (max(px) - min(px)) or 1.0
     span_y = (max(ys) - min(ys)) or 1.0
-    for name, x, y in zip(names, xs, ys):
+    groups: list[list] = []
+    for name, x, y, gx in zip(names, xs, ys, px):
         for g in groups:
-            if abs(g[1] - x) < 0.02 * span_x and abs(g[2] - y) < 0.02 * span_y:
+            if abs(g[3] - gx) < near * span_x and abs(g[2] - y) < near * span_y:
                 g[0].append(name)
                 break
         else:
-            groups.append([[name], x, y])
-    for members, x, y in groups:
+            groups.append([[name], x, y, gx])
+    texts = []
+    for members, x, y, gx in groups:
         text = ", ".join(members)
-        ha = "right" if x > min(xs) + 0.5 * span_x else "left"
-        ax.annotate(text, (x, y), textcoords="offset points", xytext=(-8 if ha == "right" else 6, -12),
-                    ha=ha, fontsize=8)
+        right = gx > min(px) + 0.5 * span_x
+        below = y > min(ys) + 0.5 * span_y
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(-8 if right else 8, -12 if below else 8),
+                    ha="right" if right else "left", va="top" if below else "bottom", fontsize=8)
+        texts.append(text)
+    return texts
 
 
 def leakage_vs_cost(result) -> bytes:
@@ -119,8 +127,8 @@ def leakage_vs_cost(result) -> bytes:
         xs = [r.cost[key] for r in result.cuts]
         ys = [r.leakage_db for r in result.cuts]
         ax.scatter(xs, ys, color="#4477aa", zorder=3, label="strongest attack PSNR")
+        _label_groups(ax, [r.name for r in result.cuts], xs, ys, log_x=log_x)
         for r, x, y in zip(result.cuts, xs, ys):
-            ax.annotate(r.name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
             if r.name == rec:
                 ax.scatter([x], [y], s=260, facecolors="none", edgecolors="#228833", lw=2, zorder=4,
                            label="recommended")
