@@ -40,21 +40,51 @@ PARTS = ("head", "tail", "both")
 _DEVICE_ID = "profile"
 
 
+# Arm Ltd. (implementer 0x41) core part numbers, as /proc/cpuinfo gives them on aarch64, whose
+# kernels print no "model name": the cores of every Raspberry Pi and of common Arm servers.
+ARM_CORES = {0xd03: "Cortex-A53", 0xd04: "Cortex-A35", 0xd05: "Cortex-A55", 0xd07: "Cortex-A57",
+             0xd08: "Cortex-A72", 0xd09: "Cortex-A73", 0xd0a: "Cortex-A75", 0xd0b: "Cortex-A76",
+             0xd0c: "Neoverse-N1", 0xd0d: "Cortex-A77", 0xd40: "Neoverse-V1", 0xd41: "Cortex-A78",
+             0xd49: "Neoverse-N2", 0xd4f: "Neoverse-V2"}
+
+
+def parse_cpuinfo(text: str) -> tuple[str, str | None]:
+    """(CPU name, board) from the text of /proc/cpuinfo.
+
+    x86 prints ``model name``; an aarch64 kernel prints only ``CPU implementer`` and
+    ``CPU part`` (a Pi 4: 0x41 / 0xd08, an Arm Cortex-A72) and, on Raspberry Pi OS,
+    ``Hardware`` (the SoC family, e.g. BCM2835) and ``Model`` (the board).
+    """
+    found: dict = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key != "Model":                  # the board; x86's lower-case "model" is a CPU model number
+            key = key.lower()
+        if key in ("model name", "hardware", "cpu implementer", "cpu part", "Model") and key not in found:
+            found[key] = value.strip()
+    cpu = found.get("model name") or ""
+    if not cpu:
+        try:
+            if int(found.get("cpu implementer", ""), 16) == 0x41:
+                core = ARM_CORES.get(int(found.get("cpu part", ""), 16))
+                cpu = f"Arm {core}" if core else ""
+        except ValueError:
+            pass
+        hardware = found.get("hardware")
+        cpu = f"{cpu} ({hardware})" if cpu and hardware else (cpu or hardware or "")
+    return cpu, found.get("Model") or None
+
+
 def machine_info() -> dict:
     """CPU, cores, memory, load and (on a Pi) the board model of this machine."""
-    found: dict = {}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip().lower()
-            if key in ("model name", "hardware") and key not in found:
-                found[key] = value.strip()
+        cpu, board = parse_cpuinfo(Path("/proc/cpuinfo").read_text())
     except OSError:
-        pass
-    cpu = found.get("model name") or found.get("hardware") or platform.processor() or ""
-    board = None
+        cpu, board = "", None
+    cpu = cpu or platform.processor() or ""
     try:
-        board = Path("/proc/device-tree/model").read_text().strip("\x00\n ") or None
+        board = Path("/proc/device-tree/model").read_text().strip("\x00\n ") or board
     except OSError:
         pass
     mem_gib = None

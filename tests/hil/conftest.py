@@ -66,6 +66,13 @@ class HilBundle:
     description: str
 
 
+def _converted_as(bundle_dir: Path, model: str) -> bool:
+    try:
+        return json.loads((bundle_dir / "manifest.json").read_text()).get("model") == model
+    except (OSError, ValueError):
+        return False
+
+
 def _paper_bundle() -> HilBundle | None:
     """The paper CNN at pool2 (int8), converted once per trained model and cached; None if not trained yet."""
     models = cache_root() / "models"
@@ -75,7 +82,7 @@ def _paper_bundle() -> HilBundle | None:
     key = hashlib.sha256(keras_file.read_bytes()).hexdigest()[:12]
     out = cache_root() / "hil" / f"paper-cnn-pool2-int8-{key}"
     desc = "paper-cnn (Tuor et al.) cut pool2, int8"
-    if (out / "manifest.json").is_file():
+    if _converted_as(out, "paper-cnn"):
         return HilBundle(out, desc)         # converted before from this very model file
     from converter import zoo               # TensorFlow: only when a conversion is due
 
@@ -88,13 +95,15 @@ def _paper_bundle() -> HilBundle | None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f"{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (out / "manifest.json").is_file():
+        if not _converted_as(out, "paper-cnn"):
             from converter import bundle
 
             tmp = out.parent / f".{out.name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
+            # named as `edgesplit convert paper-cnn` names it, so `edgesplit plan paper-cnn` takes its profile
             bundle.convert(zoo.load_model("paper-cnn"), cut="pool2", quant="int8", calibration=500, out=tmp,
-                           parity_n=1000, progress=False)
+                           parity_n=1000, progress=False, name="paper-cnn")
+            shutil.rmtree(out, ignore_errors=True)          # one converted before under the Keras name
             os.replace(tmp, out)
     return HilBundle(out, desc)
 

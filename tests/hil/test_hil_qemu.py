@@ -161,7 +161,7 @@ def test_the_pi_wheels_run_on_aarch64_with_litert_and_without_tensorflow(arm64_r
              "out = Model(b.head_path).run(numpy.zeros((2, *b.manifest.input.shape), numpy.float32))\n"
              "cpu = [l for l in open('/proc/cpuinfo') if l.startswith('Model')]\n"
              "print(json.dumps({'machine': platform.machine(), 'python': platform.python_version(),\n"
-             "  'head_output': list(out.shape), 'cpu': cpu[0].split(':', 1)[1].strip() if cpu else None,\n"
+             "  'head_output': list(out.shape), 'board': cpu[0].split(':', 1)[1].strip() if cpu else None,\n"
              "  'numpy': numpy.__version__, 'litert': ai_edge_litert.__file__, 'backend': str(pick_backend(None)),\n"
              "  'tensorflow': 'tensorflow' in sys.modules, 'bundle': b.manifest.bundle_id}))\n")
     proc = _arm64_python(arm64_root, site, pi4_cpuinfo, "-c", probe)
@@ -173,8 +173,8 @@ def test_the_pi_wheels_run_on_aarch64_with_litert_and_without_tensorflow(arm64_r
     assert "litert" in got["backend"].lower(), got
     assert got["tensorflow"] is False
     assert got["head_output"] == [2, *bundle_shape(bundle)], got        # the head ran, optimized kernels and all
-    assert got["cpu"] == "Raspberry Pi 4 Model B Rev 1.1"
-    hil_report["qemu-aarch64: the package's wheels"] = {k: got[k] for k in ("machine", "cpu", "python", "numpy",
+    assert got["board"] == "Raspberry Pi 4 Model B Rev 1.1"        # the Pi 4 cpuinfo is what it reads
+    hil_report["qemu-aarch64: the package's wheels"] = {k: got[k] for k in ("machine", "board", "python", "numpy",
                                                                                  "backend")}
 
 
@@ -230,3 +230,38 @@ def test_mnist_through_the_aarch64_head_gets_the_answers_and_tensors_of_this_mac
         "agreement with this machine": round(float(agree), 4), "accuracy": round(float(accuracy), 4),
         "int8 values identical": f"{exact:.4%}", "max int8 difference": int(diffs.max()),
         "seconds under emulation": round(seconds, 1)}
+
+
+def test_edgesplit_profile_on_the_emulated_pi_names_its_board_and_feeds_the_planner(
+        arm64_root, pi4_cpuinfo, pi_package, hil_images, tmp_path, capsys, hil_report):
+    from edgesplit.cli import main
+    from protocol.manifest import load_bundle
+
+    pkg, site, bundle_dir = pi_package
+    m = load_bundle(bundle_dir).manifest
+    prof = tmp_path / "pi4.json"
+    proc = _arm64_python(arm64_root, site, pi4_cpuinfo, "-m", "edgesplit", "profile", "--bundle", bundle_dir,
+                         "--out", prof, "--runs", "20", "--warmup", "2", "--part", "head",
+                         "--inputs", *hil_images.paths[:8])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = json.loads(prof.read_text())
+    machine = d["machine"]
+    assert (machine["machine"], machine["cpu"], machine["board"]) == \
+        ("aarch64", "Arm Cortex-A72", "Raspberry Pi 4 Model B Rev 1.1"), machine
+    entry = d["cuts"][0]
+    assert (entry["model"], entry["cut"], entry["quant"]) == (m.model, m.cut, m.quant)
+    head_ms = entry["head_ms"]["median"]
+    assert head_ms > 0 and entry["frame_bytes_wire"] > 0
+
+    # the planner on this machine takes the Pi's file as it is
+    capsys.readouterr()
+    assert main(["plan", m.model, "--uplink", "1mbit", "--rtt", "40ms", "--device-profile", str(prof),
+                 "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    opt = next(o for o in plan["options"] if o["name"] == m.cut)
+    assert opt["sources"]["device_ms"] == "device profile", plan.get("notes")
+    assert opt["device_ms"] == pytest.approx(head_ms)
+    hil_report["qemu-aarch64: edgesplit profile on the emulated Pi 4"] = {
+        "cpu": machine["cpu"], "board": machine["board"], "cut": m.cut,
+        "head ms (emulated, not a Pi's speed)": round(head_ms, 2), "wire bytes": entry["frame_bytes_wire"],
+        "planner": f"{opt['name']} predicted {opt['latency_ms']:.1f} ms at 1 Mbit/s, 40 ms RTT"}
