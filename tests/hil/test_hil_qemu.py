@@ -109,29 +109,19 @@ def pi_package(hil_bundle, tmp_path_factory):
     return pkg, site, top / "bundle"
 
 
-# A Raspberry Pi 4's /proc/cpuinfo (BCM2711, four Cortex-A72).  Under user emulation the arm64
-# program reads the host's x86 /proc/cpuinfo; LiteRT's optimized kernels (XNNPACK, ruy) ask the
-# cpuinfo library what the CPU is, get nonsense and crash (SIGSEGV; only the reference kernels
-# run).  Each run therefore gets a mount namespace of its own with this file over /proc/cpuinfo,
-# and qemu emulates that very CPU (QEMU_CPU=cortex-a72): the Pi 4's instruction set, no more.
-PI4_CPUINFO = "".join(f"""processor\t: {i}
-BogoMIPS\t: 108.00
-Features\t: fp asimd evtstrm crc32 cpuid
-CPU implementer\t: 0x41
-CPU architecture: 8
-CPU variant\t: 0x0
-CPU part\t: 0xd08
-CPU revision\t: 3
-
-""" for i in range(4)) + "Revision\t: c03111\nModel\t\t: Raspberry Pi 4 Model B Rev 1.1\n"
+# A Raspberry Pi 4's /proc/cpuinfo under 64-bit Raspberry Pi OS (four Cortex-A72).  Under user
+# emulation the arm64 program reads the host's x86 /proc/cpuinfo; LiteRT's optimized kernels
+# (XNNPACK, ruy) ask the cpuinfo library what the CPU is, get nonsense and crash (SIGSEGV; only
+# the reference kernels run).  Each run therefore gets a mount namespace of its own with this
+# file over /proc/cpuinfo, and qemu emulates that very CPU (QEMU_CPU=cortex-a72): the Pi 4's
+# instruction set, no more.
+PI4_CPUINFO = Path(__file__).resolve().parents[1] / "data" / "cpuinfo-pi4-64bit.txt"
 
 
 @pytest.fixture(scope="session")
-def pi4_cpuinfo(tmp_path_factory) -> Path:
+def pi4_cpuinfo() -> Path:
     _need("unshare", "util-linux")
-    path = tmp_path_factory.mktemp("pi4") / "cpuinfo"
-    path.write_text(PI4_CPUINFO)
-    return path
+    return PI4_CPUINFO
 
 
 def bundle_shape(bundle_dir: Path) -> list[int]:
@@ -247,7 +237,7 @@ def test_edgesplit_profile_on_the_emulated_pi_names_its_board_and_feeds_the_plan
     d = json.loads(prof.read_text())
     machine = d["machine"]
     assert (machine["machine"], machine["cpu"], machine["board"]) == \
-        ("aarch64", "Arm Cortex-A72", "Raspberry Pi 4 Model B Rev 1.1"), machine
+        ("aarch64", "Arm Cortex-A72 (BCM2835)", "Raspberry Pi 4 Model B Rev 1.1"), machine
     entry = d["cuts"][0]
     assert (entry["model"], entry["cut"], entry["quant"]) == (m.model, m.cut, m.quant)
     head_ms = entry["head_ms"]["median"]

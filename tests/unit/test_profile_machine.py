@@ -1,25 +1,10 @@
 """The profile names the device's CPU and board the way its owner knows them, from /proc/cpuinfo as
 each kernel prints it (64-bit Raspberry Pi OS prints no "model name")."""
+from pathlib import Path
+
 from device.profile import parse_cpuinfo
 
-PI4_64BIT = """processor\t: 0
-BogoMIPS\t: 108.00
-Features\t: fp asimd evtstrm crc32 cpuid
-CPU implementer\t: 0x41
-CPU architecture: 8
-CPU variant\t: 0x0
-CPU part\t: 0xd08
-CPU revision\t: 3
-
-processor\t: 1
-CPU implementer\t: 0x41
-CPU part\t: 0xd08
-
-Hardware\t: BCM2835
-Revision\t: c03111
-Serial\t\t: 10000000abcdef01
-Model\t\t: Raspberry Pi 4 Model B Rev 1.1
-"""
+PI4_64BIT = (Path(__file__).resolve().parents[1] / "data" / "cpuinfo-pi4-64bit.txt").read_text()  # 64-bit Pi OS
 
 PI5 = """processor\t: 0
 BogoMIPS\t: 108.00
