@@ -63,17 +63,18 @@ def parse_cpuinfo(text: str) -> tuple[str, str | None]:
             key = key.lower()
         if key in ("model name", "hardware", "cpu implementer", "cpu part", "Model") and key not in found:
             found[key] = value.strip()
-    cpu = found.get("model name") or ""
-    if not cpu:
-        try:
-            if int(found.get("cpu implementer", ""), 16) == 0x41:
-                core = ARM_CORES.get(int(found.get("cpu part", ""), 16))
-                cpu = f"Arm {core}" if core else ""
-        except ValueError:
-            pass
-        hardware = found.get("hardware")
-        cpu = f"{cpu} ({hardware})" if cpu and hardware else (cpu or hardware or "")
-    return cpu, found.get("Model") or None
+    board = found.get("Model") or None
+    if found.get("model name"):
+        return found["model name"], board
+    try:
+        arm = int(found.get("cpu implementer", ""), 16) == 0x41
+        core = ARM_CORES.get(int(found.get("cpu part", ""), 16)) if arm else None
+    except ValueError:
+        core = None
+    hardware = found.get("hardware")
+    if core:
+        return (f"Arm {core} ({hardware})" if hardware else f"Arm {core}"), board
+    return hardware or "", board
 
 
 def machine_info() -> dict:

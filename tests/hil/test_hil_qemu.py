@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import time
 import uuid
@@ -88,7 +89,7 @@ def pi_package(hil_bundle, tmp_path_factory):
     from deploy.device_package import build_device_package, platform_tags
 
     work = tmp_path_factory.mktemp("hil-qemu")
-    pkg = build_device_package(hil_bundle.path, work / "pi.tar.gz", broker="mqtt://127.0.0.1:1883",
+    pkg = build_device_package(hil_bundle.path, work / "pi.tar.gz", broker="mqtts://broker.example.org:8883",
                                device_id=DEVICE_ID, offline_wheels=True)
     assert (pkg.wheel_platform, pkg.python_version) == ("aarch64", "3.11")
     with tarfile.open(pkg.path) as tar:
@@ -96,13 +97,10 @@ def pi_package(hil_bundle, tmp_path_factory):
     top = work / "pkg" / pkg.folder
     wheels = top / "wheels"
     site = work / "site"
-    cmd = ["python", "-m", "pip", "install", "--quiet", "--target", site, "--only-binary=:all:",
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--target", site, "--only-binary=:all:",
            "--python-version", "3.11", "--implementation", "cp", "--no-index", "--find-links", wheels,
            "-c", wheels / "constraints.txt", "-r", wheels / "requirements.txt",
            next(wheels.glob("edgesplit-*.whl")), "ai-edge-litert"]
-    import sys
-
-    cmd[0] = sys.executable
     for tag in platform_tags("aarch64", "3.11"):
         cmd[cmd.index("--python-version"):cmd.index("--python-version")] = ["--platform", tag]
     _run(cmd, timeout=600, env=dict(os.environ, PIP_CONFIG_FILE=os.devnull, PIP_FIND_LINKS=""))
@@ -122,12 +120,6 @@ PI4_CPUINFO = Path(__file__).resolve().parents[1] / "data" / "cpuinfo-pi4-64bit.
 def pi4_cpuinfo() -> Path:
     _need("unshare", "util-linux")
     return PI4_CPUINFO
-
-
-def bundle_shape(bundle_dir: Path) -> list[int]:
-    from protocol.manifest import load_bundle
-
-    return list(load_bundle(bundle_dir).manifest.feature.shape)
 
 
 def _arm64_python(root: Path, site: Path, cpuinfo: Path, *args, timeout: float = 600
@@ -162,7 +154,9 @@ def test_the_pi_wheels_run_on_aarch64_with_litert_and_without_tensorflow(arm64_r
     assert got["litert"].startswith(str(site)), got        # the shipped aarch64 wheel, not anything else
     assert "litert" in got["backend"].lower(), got
     assert got["tensorflow"] is False
-    assert got["head_output"] == [2, *bundle_shape(bundle)], got        # the head ran, optimized kernels and all
+    from protocol.manifest import load_bundle
+
+    assert got["head_output"] == [2, *load_bundle(bundle).manifest.feature.shape], got        # the head ran, optimized kernels and all
     assert got["board"] == "Raspberry Pi 4 Model B Rev 1.1"        # the Pi 4 cpuinfo is what it reads
     hil_report["qemu-aarch64: the package's wheels"] = {k: got[k] for k in ("machine", "board", "python", "numpy",
                                                                                  "backend")}
