@@ -129,7 +129,7 @@ def test_install_offline_from_the_tarball_alone_then_doctor_and_service_work(mos
 def test_install_refuses_a_damaged_package_and_wheels_for_another_python(tiny_bundle_dir, tmp_path):
     from deploy.device_package import build_device_package
 
-    pkg = build_device_package(tiny_bundle_dir, tmp_path / "pi.tar.gz", broker="mqtt://127.0.0.1:1883",
+    pkg = build_device_package(tiny_bundle_dir, tmp_path / "pi.tar.gz", broker="mqtts://broker.example.org:8883",
                                device_id="pi-x")
     with tarfile.open(pkg.path) as tar:
         tar.extractall(tmp_path / "d", filter="data")
