@@ -68,8 +68,10 @@ from typing import Callable
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.matcher import MQTTMatcher
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from protocol.errors import ConfigError, UsageError
 
@@ -303,11 +305,26 @@ class Delivery:
 
 
 _READ_CHUNK = 64 * 1024    # bytes asked of the socket per recv() on the network thread
+_PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)    # shared by every plain PUBACK: read, never changed
+_NO_PROPERTIES = Properties(PacketTypes.PUBACK)
+_SEND_RUN, _SEND_BYTES = 256, 256 * 1024           # packets joined into one send(): at most so many, about so large
+
+
+class _Matcher(MQTTMatcher):
+    """paho's matcher for ``message_callback_add`` filters, which we never add: its
+    ``iter_match`` builds a self-referencing recursive closure for every message, a reference
+    cycle that only the garbage collector frees (six objects per message)."""
+
+    def iter_match(self, topic):
+        root = self._root
+        if not root._children and root._content is None:
+            return iter(())
+        return super().iter_match(topic)
 
 
 class _PahoClient(paho.Client):
     """paho's client, remembering a TLS verification failure (paho swallows the exception),
-    and reading the socket in chunks.
+    reading the socket in chunks, and waking its network thread once per burst.
 
     paho asks the socket for one byte (the packet type), then one byte per length byte,
     then the rest: three or four ``recv`` calls per message, each a system call that
@@ -315,11 +332,122 @@ class _PahoClient(paho.Client):
     ``_sock_recv`` here reads up to 64 KiB at once and serves paho's small reads from
     that buffer; ``loop_read`` goes on parsing while the buffer holds bytes, since
     ``select`` only wakes the loop for bytes still in the kernel.
+
+    paho also writes a wake-up byte to its socket pair for every packet it queues, so that
+    a network thread asleep in ``select`` sends it now: a ``send`` by the queuing thread,
+    then a ``select`` wake-up and a ``recv`` on the network thread, per packet.  A worker
+    publishing 32 results of a batch paid that 32 times, and once more per PUBACK paho
+    queues on its own thread.  ``_packet_queue`` here writes the byte only when it is
+    needed: never on the network thread itself (its next ``select`` waits for the socket
+    to be writable, since ``want_write()`` is then true), and from other threads only when
+    no byte is already on its way.  A byte is on its way from the moment a thread decides
+    to send it until ``loop_write`` begins, which clears the mark before draining the
+    queue: a packet appended while the mark is set is appended before that drain.
+
+    And each PUBACK for a message we sent cost paho about 30 us: it builds a ReasonCode and
+    a Properties object (a dict of every MQTT 5 property name) even for MQTT 3.1.1's two
+    bytes, then scans every in-flight message for one queued behind the window.  A worker
+    answering thousands of frames a second spent more of its GIL on those PUBACKs than on
+    the frames.  ``_handle_pubackcomp`` here reads a plain two-byte PUBACK (3.1.1, or MQTT 5
+    "success" without properties) itself and hands paho's usual ``_do_on_publish`` shared
+    success objects (our on_publish reads only the mid); ``_update_inflight`` skips the scan
+    when every message paho holds is already in flight, so none is queued.  Anything else
+    (PUBCOMP, a PUBACK with a reason code or properties) goes through paho unchanged.
+
+    Finally ``_packet_write`` hands the kernel every whole packet waiting in the queue in one
+    ``send`` (a batch's 32 results and the PUBACKs of the frames read meanwhile) instead of
+    one ``send`` per packet, each of which also let the other thread take the GIL.  Packets
+    paho must act on once written (QoS 0 PUBLISH: on_publish; DISCONNECT: close) and a packet
+    already partly written end the run and go through paho's own loop.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._on_message_filtered = _Matcher()
 
     tls_failure: ssl.SSLCertVerificationError | None = None
     _rbuf: bytes = b""                   # read from the socket, not yet handed to paho
     _rpos: int = 0
+    _wake_sent_to: object = None         # the socket-pair end a wake-up byte went to, not yet served
+
+    def _packet_queue(self, command, packet, mid, qos, info=None):
+        thread = self._thread
+        wake = self._sockpairW
+        if thread is None or wake is None:                # no network thread: paho's own way
+            return super()._packet_queue(command, packet, mid, qos, info)
+        self._out_packet.append({"command": command, "mid": mid, "qos": qos, "pos": 0,
+                                 "to_process": len(packet), "packet": packet, "info": info})
+        if threading.current_thread() is not thread and self._wake_sent_to is not wake:
+            self._wake_sent_to = wake                     # before the send: see the docstring
+            try:
+                wake.send(b"\0")
+            except BlockingIOError:                       # the pair is full of bytes: awake anyway
+                pass
+            except OSError:                               # closed by loop_stop(): nothing to wake
+                pass
+        self._call_socket_register_write()
+        return paho.MQTT_ERR_SUCCESS
+
+    def loop_write(self):
+        self._wake_sent_to = None
+        return super().loop_write()
+
+    def _packet_write(self):
+        out = self._out_packet
+        while len(out) > 1:
+            run, size = [], 0
+            while out and len(run) < _SEND_RUN and size < _SEND_BYTES:
+                p = out[0]
+                cmd = p["command"] & 0xF0
+                if p["pos"] or cmd == paho.DISCONNECT or (cmd == paho.PUBLISH and p["qos"] == 0):
+                    break
+                run.append(out.popleft())
+                size += p["to_process"]
+            if len(run) < 2:
+                out.extendleft(reversed(run))
+                break
+            data = b"".join(p["packet"] for p in run)
+            try:
+                sent = self._sock_send(data)
+            except (AttributeError, ValueError):    # no socket (yet): paho keeps the packets too
+                out.extendleft(reversed(run))
+                return paho.MQTT_ERR_SUCCESS
+            except BlockingIOError:
+                out.extendleft(reversed(run))
+                return paho.MQTT_ERR_AGAIN
+            except OSError as err:
+                out.extendleft(reversed(run))
+                self._easy_log(paho.MQTT_LOG_ERR, "failed to send on socket: %s", err)
+                return paho.MQTT_ERR_CONN_LOST
+            with self._msgtime_mutex:
+                self._last_msg_out = paho.time_func()
+            for i, p in enumerate(run):          # whole packets are done; the first cut one goes back
+                if sent >= p["to_process"]:
+                    sent -= p["to_process"]
+                    continue
+                p["pos"] += sent
+                p["to_process"] -= sent
+                out.extendleft(reversed(run[i:]))
+                return paho.MQTT_ERR_AGAIN       # the kernel's buffer is full: wait for select
+        return super()._packet_write()
+
+    def _handle_pubackcomp(self, cmd):
+        packet = self._in_packet["packet"]
+        if cmd != "PUBACK" or len(packet) != 2:
+            return super()._handle_pubackcomp(cmd)
+        mid = (packet[0] << 8) | packet[1]
+        self._easy_log(paho.MQTT_LOG_DEBUG, "Received PUBACK (Mid: %d)", mid)
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                return self._do_on_publish(mid, _PUBACK_SUCCESS, _NO_PROPERTIES)
+        return paho.MQTT_ERR_SUCCESS
+
+    def _update_inflight(self):
+        # paho's own counter: messages in _out_messages are either in flight (counted) or
+        # queued behind the window; with none queued its scan would send nothing
+        if len(self._out_messages) <= self._inflight_messages:
+            return paho.MQTT_ERR_SUCCESS
+        return super()._update_inflight()
 
     def reconnect(self):
         self._drop_read_buffer()

@@ -433,3 +433,116 @@ def test_tls_burst_arrives_whole(tls_broker, topic_root):
     finally:
         pub.stop()
         sub.stop()
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+def test_publishes_from_several_threads_all_arrive_each_in_its_order(broker, topic_root, qos):
+    """paho's network thread is woken once per burst, not per packet (protocol/mqtt.py): bursts
+    queued from several threads at once must all leave, none waiting behind a wake-up skipped."""
+    got, n_threads, n_each = [], 4, 300
+    sub = _client(broker.url, keepalive=60, max_inflight=1000)
+    sub.subscribe(f"{topic_root}/mt", lambda t, p: got.append(p), qos=qos)
+    pub = _client(broker.url, max_inflight=1000)
+    try:
+        assert sub.start(wait_connected=10) and pub.start(wait_connected=10)
+        go = threading.Barrier(n_threads)
+
+        def burst(k):
+            go.wait()
+            for i in range(n_each):
+                pub.publish(f"{topic_root}/mt", f"{k}:{i}".encode(), qos=qos)
+                if i % 50 == 49:
+                    time.sleep(0.01)          # let the network thread drain and fall asleep again
+
+        threads = [threading.Thread(target=burst, args=(k,)) for k in range(n_threads)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        want = n_threads * n_each
+        assert _wait_for(lambda: len(got) >= want, timeout=20), f"{len(got)} of {want} arrived"
+        for k in range(n_threads):
+            mine = [int(p.split(b":")[1]) for p in got if p.startswith(f"{k}:".encode())]
+            assert mine == list(range(n_each)), f"thread {k}'s messages arrived out of order or twice"
+    finally:
+        pub.stop()
+        sub.stop()
+
+
+def test_a_publish_to_an_idle_client_leaves_at_once(broker, topic_root):
+    """An idle network thread sleeps in select() for up to a second; a publish from another thread
+    must wake it, not wait for the timeout."""
+    pub = _client(broker.url, keepalive=60)
+    try:
+        assert pub.start(wait_connected=10)
+        late = []
+        for i in range(10):
+            time.sleep(0.3)                   # the network thread is asleep again
+            if not pub.publish(f"{topic_root}/idle", b"x", qos=1).wait(0.5):
+                late.append(i)
+        assert not late, f"publishes {late} waited for the network thread's select() timeout"
+    finally:
+        pub.stop()
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_more_messages_than_the_inflight_window_all_leave_in_order(mosquitto_broker, topic_root, protocol):
+    """The adapter reads plain PUBACKs itself and skips paho's scan for queued messages when none
+    is queued (protocol/mqtt.py); with a window of 3, most messages wait behind it and must each
+    leave, in order, as PUBACKs free the window, and every Delivery must complete."""
+    got = []
+    url = f"{mosquitto_broker.url}?protocol={protocol}"
+    sub = _client(url, keepalive=60, max_inflight=1000)
+    sub.subscribe(f"{topic_root}/win", lambda t, p: got.append(p), qos=1)
+    pub = _client(url, max_inflight=3)
+    try:
+        assert sub.start(wait_connected=10) and pub.start(wait_connected=10)
+        want = [str(i).encode() for i in range(500)]
+        deliveries = [pub.publish(f"{topic_root}/win", p, qos=1) for p in want]
+        assert all(d.wait(20) for d in deliveries), "a Delivery never completed"
+        assert _wait_for(lambda: len(got) >= len(want), timeout=10), f"{len(got)} of {len(want)} arrived"
+        assert got == want
+    finally:
+        pub.stop()
+        sub.stop()
+
+
+def test_mqtt5_puback_with_a_reason_code_completes_the_delivery(mosquitto_broker, topic_root):
+    """Mosquitto answers an MQTT 5 publish nobody subscribes to with PUBACK reason 0x10 ("no
+    matching subscribers"): three bytes, which the adapter leaves to paho; the Delivery completes."""
+    pub = _client(f"{mosquitto_broker.url}?protocol=5")
+    try:
+        assert pub.start(wait_connected=10)
+        assert all(pub.publish(f"{topic_root}/nobody/{i}", b"x", qos=1).wait(10) for i in range(20))
+    finally:
+        pub.stop()
+
+
+def test_a_burst_larger_than_the_socket_buffer_arrives_whole_in_order_mixing_qos(mosquitto_broker, topic_root):
+    """The adapter joins queued packets into one send().  With the broker paused, 12 MB of messages
+    fill the kernel's buffers, so sends are cut short mid-packet and the rest must follow
+    byte-exact once it resumes; QoS 0 messages (paho acts on them once written) are not joined."""
+    got = []
+    sub = _client(mosquitto_broker.url, keepalive=60, max_inflight=1000)
+    sub.subscribe(f"{topic_root}/big", lambda t, p: got.append(p), qos=1)
+    pub = _client(mosquitto_broker.url, keepalive=60, max_inflight=1000)
+    try:
+        assert sub.start(wait_connected=10) and pub.start(wait_connected=10)
+        want = [bytes([i % 251]) * (60_000 + i) + i.to_bytes(4, "big") for i in range(200)]
+        qos = [0 if i % 10 == 9 else 1 for i in range(len(want))]
+        os.kill(mosquitto_broker.pid, signal.SIGSTOP)
+        try:
+            deliveries = [pub.publish(f"{topic_root}/big", p, qos=q) for p, q in zip(want, qos)]
+            time.sleep(1.0)                        # the publisher's socket fills up
+        finally:
+            os.kill(mosquitto_broker.pid, signal.SIGCONT)
+        assert all(d.wait(30) for d in deliveries)
+        assert _wait_for(lambda: len(got) >= len(want), timeout=30), f"{len(got)} of {len(want)} arrived"
+        assert sorted(got) == sorted(want), "a message arrived altered, twice, or not at all"
+        # MQTT orders the messages of one QoS; a broker may let QoS 0 overtake QoS 1 held by its window
+        for q in (0, 1):
+            assert [p for p, pq in zip(got, [qos[int.from_bytes(p[-4:], "big")] for p in got]) if pq == q] == \
+                [p for p, pq in zip(want, qos) if pq == q]
+    finally:
+        pub.stop()
+        sub.stop()
