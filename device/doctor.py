@@ -350,7 +350,7 @@ class _Doctor:
         try:
             from protocol.mqtt import MqttClient, parse_url
         except ImportError as exc:
-            self.add("broker", FAIL, f"cannot check: {exc}", _pip("paho-mqtt>=2,<3"))
+            self.add("broker", FAIL, f"cannot check: {exc}", _pip("paho-mqtt>=2,<2.3"))
             return
         creds = self.creds
         kw = {}
@@ -429,7 +429,7 @@ class _Doctor:
             ("system", self.system),
             ("numpy", lambda: self.package("numpy", "numpy", apt.format("python3-numpy", _pip("numpy")), (1, 23))),
             ("Pillow", lambda: self.package("Pillow", "PIL", _pip("pillow>=10"), (10,), dist="pillow")),
-            ("paho-mqtt", lambda: self.package("paho-mqtt", "paho.mqtt", _pip("paho-mqtt>=2,<3"), (2,),
+            ("paho-mqtt", lambda: self.package("paho-mqtt", "paho.mqtt", _pip("paho-mqtt>=2,<2.3"), (2,),
                                                dist="paho-mqtt")),
             ("msgspec", lambda: self.package("msgspec", "msgspec", _pip("msgspec>=0.18,<1"))),
             ("zstandard", lambda: self.package("zstandard", "zstandard", _pip("zstandard>=0.22,<1"))),

@@ -68,7 +68,9 @@ def test_identical_points_carry_nothing(method):
     y = np.arange(200) % 10
     r = mi.kde_mi(np.full((200, 300), 0.7, np.float32), y, method=method)
     for f in FIGURES:
-        assert getattr(r, f) == pytest.approx(0.0, abs=1e-12)
+        # zero up to rounding: the squared distances come from |a|^2 + |b|^2 - 2ab, whose
+        # cancellation leaves ~1e-12 bits on some CPUs' BLAS kernels (3.3e-12 seen on one)
+        assert getattr(r, f) == pytest.approx(0.0, abs=1e-9)
     assert not any(r.saturated.values())
 
 
