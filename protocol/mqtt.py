@@ -324,7 +324,8 @@ class _Matcher(MQTTMatcher):
 
 class _PahoClient(paho.Client):
     """paho's client, remembering a TLS verification failure (paho swallows the exception),
-    reading the socket in chunks, and waking its network thread once per burst.
+    and doing less per message than paho: reading the socket in chunks, waking its network
+    thread once per burst, reading plain PUBACKs itself and sending queued packets together.
 
     paho asks the socket for one byte (the packet type), then one byte per length byte,
     then the rest: three or four ``recv`` calls per message, each a system call that
@@ -361,14 +362,14 @@ class _PahoClient(paho.Client):
     already partly written end the run and go through paho's own loop.
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._on_message_filtered = _Matcher()
-
     tls_failure: ssl.SSLCertVerificationError | None = None
     _rbuf: bytes = b""                   # read from the socket, not yet handed to paho
     _rpos: int = 0
     _wake_sent_to: object = None         # the socket-pair end a wake-up byte went to, not yet served
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._on_message_filtered = _Matcher()
 
     def _packet_queue(self, command, packet, mid, qos, info=None):
         thread = self._thread
@@ -381,9 +382,7 @@ class _PahoClient(paho.Client):
             self._wake_sent_to = wake                     # before the send: see the docstring
             try:
                 wake.send(b"\0")
-            except BlockingIOError:                       # the pair is full of bytes: awake anyway
-                pass
-            except OSError:                               # closed by loop_stop(): nothing to wake
+            except OSError:       # full of bytes (awake anyway), or closed by loop_stop(): nothing to wake
                 pass
         self._call_socket_register_write()
         return paho.MQTT_ERR_SUCCESS
