@@ -8,6 +8,7 @@ Entry point: ``from auditor.audit import audit, AuditSpec, AuditResult``
 * ``auditor.invert`` — white-box inversion (eq. 1) and the learned decoder;
 * ``auditor.metrics`` — MSE, PSNR, SSIM, the model's accuracy on reconstructions;
 * ``auditor.mi`` / ``auditor.usable`` — the paper's KDE bound and the measures that do not saturate;
+* ``auditor.paper`` — Tuor et al.'s Table 1, the tolerance a row of ours agrees within, the presets;
 * ``auditor.features`` — the tensors really sent (LiteRT head → wire frame → dequantized);
 * ``auditor.report`` — report.html / report.json / report.md.
 

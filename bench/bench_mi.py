@@ -32,26 +32,26 @@ if str(ROOT) not in sys.path:  # run as `python bench/bench_mi.py` from anywhere
 
 import numpy as np  # noqa: E402
 
+from auditor.paper import PAPER_TABLE1, PRESETS  # noqa: E402
 from bench.common import PAPER_CUTS, Report, mnist_test, parse_args  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-#: Tuor et al. (SPIE 2018), Table 1: I(X;B), I(Y;B) in bits.
-PAPER_TABLE1 = {"conv1": (13.40, 3.41), "pool1": (13.35, 3.38), "conv2": (13.32, 3.35),
-                "pool2": (13.31, 3.34), "dense1": (13.29, 3.32), "dense2": (3.35, 3.20)}
+PAPER_N, PAPER_SIGMA2 = PRESETS["paper"]["n"], PRESETS["paper"]["sigma2"]
 FIGURES = ("ixt_upper", "ixt_lower", "iyt_upper", "iyt_lower")
 TARGET_SECONDS = 60.0
 TARGET_BITS = 1e-6
 
 
 def _add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--n", type=int, default=None, help="test images (default 10,000; --quick 2,000)")
+    p.add_argument("--n", type=int, default=None, help=f"test images (default {PAPER_N:,}; --quick 2,000)")
     p.add_argument("--cuts", default=",".join(PAPER_CUTS), help="comma-separated cuts (default the six)")
     p.add_argument("--source", choices=("zoo", "untrained", "synthetic"), default="zoo",
                    help="zoo: the trained paper-cnn from the cache (default); untrained: a freshly "
                         "initialised paper CNN; synthetic: random ReLU features of the same shapes")
     p.add_argument("--train", action="store_true", help="with --source zoo: train paper-cnn if it is not cached")
-    p.add_argument("--sigma2", type=float, default=0.1, help="KDE noise variance (default 0.1, the paper's)")
+    p.add_argument("--sigma2", type=float, default=PAPER_SIGMA2,
+                   help=f"KDE noise variance (default {PAPER_SIGMA2:g}, the paper's)")
     p.add_argument("--tol", type=float, default=None, help="kernel mass fast may neglect per row (default mi's)")
     p.add_argument("--no-plain", action="store_true", help="skip the plain O(N^2 d) reference")
     p.add_argument("--fast-repeats", type=int, default=None, help="runs of fast per cut (median; default 3, quick 1)")
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from auditor import mi
 
-    n = args.n or (2000 if args.quick else 10_000)
+    n = args.n or (2000 if args.quick else PAPER_N)
     cuts = [c.strip() for c in args.cuts.split(",") if c.strip()]
     fast_repeats = args.fast_repeats or (1 if args.quick else 3)
     tol = args.tol if args.tol is not None else mi.TOL_DEFAULT
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 "total_fast_cpu_s": total_fast_cpu, "total_plain_wall_s": total_plain if not args.no_plain else None,
                 "total_plain_cpu_s": total_plain_cpu if not args.no_plain else None,
                 "max_abs_diff_bits": worst if not args.no_plain else None}
-    setting = "" if (n == 10_000 and len(cuts) == 6) else "not the paper setting: reduced N or fewer cuts; "
+    setting = "" if (n == PAPER_N and len(cuts) == 6) else "not the paper setting: reduced N or fewer cuts; "
     rep.target(f"fast, {len(cuts)} cuts, N = {n}, wall seconds", total_fast, TARGET_SECONDS, "<=",
                setting + f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the end")
     rep.target(f"fast, {len(cuts)} cuts, N = {n}, CPU seconds (all threads)", total_fast_cpu, TARGET_SECONDS, "<=",

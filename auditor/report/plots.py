@@ -58,8 +58,6 @@ def reconstruction_grid(result) -> bytes:
 def information_plane(result) -> bytes:
     """I(X;B) against I(Y;B) for every cut (float and int8), ceilings as dashed lines."""
     plt = _pyplot()
-    from auditor.audit import PAPER_TABLE1
-
     c = result.ceilings
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     for kind, marker, fill in (("float", "o", True), ("int8", "s", False)):
@@ -75,7 +73,7 @@ def information_plane(result) -> bytes:
     ax.scatter([inp["ixt_upper"]], [inp["iyt_upper"]], marker="*", s=120, color="#228833", label="raw input",
                zorder=4)
     if result.paper:
-        ax.scatter([PAPER_TABLE1[p["cut"]][0] for p in result.paper], [PAPER_TABLE1[p["cut"]][1] for p in result.paper],
+        ax.scatter([p["paper_ixt"] for p in result.paper], [p["paper_iyt"] for p in result.paper],
                    marker="x", color="#666666", s=40, label="Tuor et al. Table 1", zorder=2)
     ax.axvline(c["log2_n"], ls="--", color="#aa3377", lw=1)
     ax.axhline(c["h_y"], ls="--", color="#aa3377", lw=1)

@@ -154,7 +154,8 @@ def test_same_seed_same_numbers():
 
 
 def test_paper_rows_say_why_they_differ():
-    from auditor.audit import CutAudit, paper_comparison
+    from auditor.audit import CutAudit
+    from auditor.paper import paper_comparison
 
     def row(name, ixt, iyt, sat):
         kde = {"ixt_upper": ixt, "ixt_lower": ixt - 0.01, "iyt_upper": iyt, "iyt_lower": iyt - 0.01,
