@@ -436,7 +436,7 @@ def _usable(train_f, train_y, test_f, test_y, seed) -> dict:
 def _audit_cut(spec, model, model_name, cut, depth, bundle, workdir, x_test, y_test, x_dec, y_dec,
                attack_n, float_accuracy, images, judge) -> CutAudit:
     from auditor import features, invert, metrics, usable
-    from device.runtime import Model
+    from runtime.interpreter import Model
 
     clock = _Clock()
     log.info("cut %s: bundle", cut.name)

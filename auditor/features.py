@@ -1,6 +1,6 @@
 """The tensors the attacker sees: what the device really sends, and the float features beside it.
 
-``sent_features`` runs a bundle's head with the real LiteRT interpreter (``device.runtime``),
+``sent_features`` runs a bundle's head with the real LiteRT interpreter (``runtime.interpreter``),
 puts every int8 output in a real wire frame (``protocol.frame.encode_frame``), decodes it
 as the cloud does (``decode_frame``) and dequantizes it with the manifest's scale and zero
 point (``protocol.tensors.dequantize``).  ``float_features`` is the unquantized Keras
@@ -46,13 +46,13 @@ def sent_features(bundle, x, *, device_id: str = "auditor", head=None, progress:
                   batch_size: int = 256) -> SentFeatures:
     """Run ``bundle``'s head on images ``x`` and pass every output through the wire.
 
-    ``head`` may be a ready ``device.runtime.Model`` of the bundle's head (saves a reload).
+    ``head`` may be a ready ``runtime.interpreter.Model`` of the bundle's head (saves a reload).
     One frame per image, as a device sends them; each is decoded and dequantized with the
     manifest's feature spec as a cloud worker does.
     """
     from tqdm.auto import tqdm
 
-    from device.runtime import Model
+    from runtime.interpreter import Model
     from protocol.errors import BundleError
     from protocol.frame import Frame, decode_frame, encode_frame
 
@@ -96,7 +96,7 @@ def sent_features(bundle, x, *, device_id: str = "auditor", head=None, progress:
 
 
 def measure_latency_ms(model, sample, runs: int = 50, warmup: int = 5) -> float:
-    """Median wall time of one single-sample ``run`` of a ``device.runtime.Model``, in ms."""
+    """Median wall time of one single-sample ``run`` of a ``runtime.interpreter.Model``, in ms."""
     sample = np.asarray(sample)[:1]
     for _ in range(warmup):
         model.run(sample)

@@ -36,7 +36,7 @@ E2E = Path(__file__).resolve().parent / "bench_e2e.py"
 
 def _frames(bundle, x: np.ndarray, device: str, first_id: int) -> list[bytes]:
     from device.profile import sent_tensors
-    from device.runtime import Model
+    from runtime.interpreter import Model
     from protocol.frame import Frame, encode_frame
 
     head = Model(bundle.head_path, num_threads=1)

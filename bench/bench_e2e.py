@@ -76,7 +76,7 @@ def role_server(cfg: dict) -> None:
     from PIL import Image
 
     from cloud.batcher import MicroBatcher
-    from device.runtime import Model
+    from runtime.interpreter import Model
     from protocol.frame import Frame, decode_frame, encode_frame, now_us
     from protocol.manifest import load_bundle
     from protocol.mqtt import Backoff, MqttClient
@@ -217,7 +217,7 @@ def _agent_phase(agent, pixels, n):
 
 def _split_variant(v, pixels, cfg) -> dict:
     from device.agent import DeviceAgent
-    from device.runtime import Model
+    from runtime.interpreter import Model
     from protocol.frame import Frame, encode_frame
     from protocol.manifest import load_bundle
 
@@ -314,7 +314,7 @@ def _png_variant(v, pixels, cfg) -> dict:
 
 
 def _json_variant(v, pixels, cfg) -> dict:
-    from device.runtime import Model
+    from runtime.interpreter import Model
     from protocol.manifest import load_bundle
 
     b = load_bundle(v["bundle"])
@@ -331,7 +331,7 @@ def _json_variant(v, pixels, cfg) -> dict:
 
 
 def _device_variant(v, pixels, cfg) -> dict:
-    from device.runtime import Model
+    from runtime.interpreter import Model
 
     m = Model(v["model"], num_threads=1)
     x = np.asarray(pixels, np.float32) / np.float32(255)

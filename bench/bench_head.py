@@ -41,7 +41,7 @@ def main(argv=None) -> int:
                                   "input": "one MNIST test image, batch 1", "interpreter": "ai_edge_litert (XNNPACK)"},
                         measures="wall time of one head invocation (set input, invoke, read output) per cut and "
                                  "quantization, and of the whole model, on one interpreter thread")
-    from device.runtime import Model
+    from runtime.interpreter import Model
     from protocol.frame import Frame, encode_frame, header_size
     from protocol.manifest import load_bundle
 

@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     from converter import cuts as cuts_mod
     from converter import planner
     from converter.quantize import to_tflite
-    from device.runtime import Model
+    from runtime.interpreter import Model
 
     model = build()
     all_cuts = cuts_mod.list_cuts(model)

@@ -16,10 +16,10 @@ from typing import Iterable
 
 import numpy as np
 
-from device.runtime import Model
 from protocol.errors import BundleError, FrameError
 from protocol.frame import Frame
 from protocol.manifest import Bundle, FeatureSpec, load_bundle
+from runtime.interpreter import Model
 
 log = logging.getLogger(__name__)
 

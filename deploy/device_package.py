@@ -62,7 +62,7 @@ _GLIBC_FOR_PYTHON = {"3.11": 36, "3.13": 41}
 #: apt's python3-numpy on that release: the venv sees it (--system-site-packages) and picamera2 is
 #: built against it, so offline wheels are resolved against it (ml_dtypes 0.6 would want numpy 2)
 APT_NUMPY = {"3.11": "1.24.2", "3.13": "2.2.4"}
-_PROJECT_DIRS = ("protocol", "device", "cloud", "converter", "auditor", "deploy", "edgesplit")
+_PROJECT_DIRS = ("protocol", "runtime", "device", "cloud", "converter", "auditor", "deploy", "edgesplit")
 _PROJECT_FILES = ("setup.cfg", "pyproject.toml", "setup.py", "README.md", "LICENSE", "MANIFEST.in")
 
 

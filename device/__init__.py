@@ -1,11 +1,9 @@
 """The device role (a Raspberry Pi): read inputs, run the head, publish features, receive results.
 
-Never imports TensorFlow.  Public names, imported lazily so that ``cloud`` can
-use :mod:`device.runtime` without pulling in Pillow or paho:
+Never imports TensorFlow.  The head itself runs in :mod:`runtime` (shared with the
+cloud, the converter and the auditor).  Public names, imported lazily:
 
 * :class:`DeviceAgent`, :class:`DeviceResult`, :class:`AgentStats` (``device.agent``)
-* :class:`Model`, :func:`pick_backend` (``device.runtime``) — the LiteRT interpreter shim
-* :class:`Preprocessor` (``device.preprocess``)
 * :func:`open_inputs`, :class:`Sample` (``device.sources``)
 * :class:`SqliteOutbox` (``device.outbox``)
 """
@@ -17,9 +15,6 @@ _PUBLIC = {
     "DeviceAgent": "device.agent",
     "DeviceResult": "device.agent",
     "AgentStats": "device.agent",
-    "Model": "device.runtime",
-    "pick_backend": "device.runtime",
-    "Preprocessor": "device.preprocess",
     "open_inputs": "device.sources",
     "Sample": "device.sources",
     "SqliteOutbox": "device.outbox",

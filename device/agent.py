@@ -44,14 +44,14 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from device.outbox import OutboxEntry, OutboxFull, SqliteOutbox
-from device.preprocess import Preprocessor
-from device.runtime import Model
 from device import sources
 from protocol import topics
 from protocol.errors import BundleError, ConfigError, FrameError, UsageError
 from protocol.frame import RESULT, Frame, decode_frame, encode_frame, now_us
 from protocol.manifest import Bundle, load_bundle
 from protocol.mqtt import MqttClient, Will, read_password_file
+from runtime.interpreter import Model
+from runtime.preprocess import Preprocessor
 
 log = logging.getLogger(__name__)
 

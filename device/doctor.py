@@ -222,7 +222,7 @@ class _Doctor:
                      None)
             return
         try:
-            from device.runtime import pick_backend
+            from runtime.interpreter import pick_backend
 
             self.backend = pick_backend(forced)
         except Exception as exc:  # noqa: BLE001
@@ -304,7 +304,7 @@ class _Doctor:
             self.add("head", SKIP, "no usable TFLite interpreter (see above)")
             return
         import numpy as np
-        from device.runtime import Model
+        from runtime.interpreter import Model
 
         t0 = time.perf_counter()
         try:

@@ -113,7 +113,7 @@ def latency_stats(ms: Sequence[float]) -> dict:
 
 
 def time_model(model, sample: np.ndarray, runs: int, warmup: int) -> list[float]:
-    """Wall time in ms of ``runs`` single-input calls of a ``device.runtime.Model``."""
+    """Wall time in ms of ``runs`` single-input calls of a ``runtime.interpreter.Model``."""
     sample = np.asarray(sample)[:1]
     for _ in range(warmup):
         model.run(sample)
@@ -267,10 +267,10 @@ def profile(bundles: Iterable[str | os.PathLike], *, runs: int = 200, warmup: in
     ``inputs``: images (paths/folders/globs, or a numpy batch of head inputs) used to time
     and to measure the frame bytes as really sent; without them a random input is timed.
     """
-    from device.preprocess import Preprocessor
-    from device.runtime import Model, pick_backend
     from protocol.frame import Frame, encode_frame, header_size
     from protocol.manifest import load_bundle
+    from runtime.interpreter import Model, pick_backend
+    from runtime.preprocess import Preprocessor
 
     bundles = list(bundles)
     if not bundles:

@@ -235,7 +235,7 @@ done
 [ -n "$INSTALLED_INTERPRETER" ] || die "no TFLite interpreter could be installed (${CANDIDATES[*]})" \
     "use 64-bit Raspberry Pi OS with Python 3.11 or 3.13, or build the package with --offline-wheels"
 # -I: nothing from the working directory or PYTHON* variables may stand in for the installed code
-BACKEND=$("$VENV/bin/python" -I -c 'from device.runtime import pick_backend; b = pick_backend(); print(b.name, b.version)' 2>&1) \
+BACKEND=$("$VENV/bin/python" -I -c 'from runtime.interpreter import pick_backend; b = pick_backend(); print(b.name, b.version)' 2>&1) \
     || die "the venv cannot load a TFLite interpreter: $BACKEND" "run: $VENV/bin/python -I -m device.doctor"
 say "interpreter: $BACKEND"
 

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))            # tests/ (for unit.test_device_runtime)
+sys.path.insert(0, str(HERE.parent))            # tests/ (for hil.targets)
 
 from hil.targets import cache_root  # noqa: E402
 
@@ -138,9 +138,9 @@ def hil_images(hil_bundle, tmp_path_factory) -> HilImages:
     from PIL import Image
 
     from converter.datasets import load_mnist
-    from device.preprocess import Preprocessor
-    from device.runtime import Model
     from protocol.manifest import load_bundle
+    from runtime.interpreter import Model
+    from runtime.preprocess import Preprocessor
 
     mnist = load_mnist()
     folder = tmp_path_factory.mktemp("hil-mnist")

@@ -136,10 +136,10 @@ def test_the_pi_wheels_run_on_aarch64_with_litert_and_without_tensorflow(arm64_r
                                                                           hil_report):
     pkg, site, bundle = pi_package
     probe = ("import json, platform, sys, numpy, ai_edge_litert, msgspec, zstandard, PIL\n"
-             "from device.runtime import pick_backend\n"
+             "from runtime.interpreter import pick_backend\n"
              "from protocol.manifest import load_bundle\n"
              f"b = load_bundle({str(bundle)!r})\n"
-             "from device.runtime import Model\n"
+             "from runtime.interpreter import Model\n"
              "out = Model(b.head_path).run(numpy.zeros((2, *b.manifest.input.shape), numpy.float32))\n"
              "cpu = [l for l in open('/proc/cpuinfo') if l.startswith('Model')]\n"
              "print(json.dumps({'machine': platform.machine(), 'python': platform.python_version(),\n"
@@ -164,11 +164,11 @@ def test_the_pi_wheels_run_on_aarch64_with_litert_and_without_tensorflow(arm64_r
 
 def test_mnist_through_the_aarch64_head_gets_the_answers_and_tensors_of_this_machine(
         arm64_root, pi4_cpuinfo, pi_package, hil_images, hil_broker, start_worker, collect, hil_report):
-    from device.preprocess import Preprocessor
-    from device.runtime import Model
     from protocol import topics
     from protocol.frame import decode_frame
     from protocol.manifest import load_bundle
+    from runtime.interpreter import Model
+    from runtime.preprocess import Preprocessor
 
     pkg, site, bundle_dir = pi_package
     bundle = load_bundle(bundle_dir)

@@ -79,7 +79,7 @@ def test_costs_come_from_the_real_bundle(tiny_audit):
 def test_sent_features_are_the_int8_tensor_through_the_wire(tmp_path, synthetic):
     from auditor import features
     from converter import bundle as bundle_mod
-    from device.runtime import Model
+    from runtime.interpreter import Model
     from protocol.manifest import load_bundle
 
     made = bundle_mod.convert("tiny-cnn", cut="pool2", quant="int8", calibration=60, out=str(tmp_path / "b"),

@@ -44,7 +44,7 @@ def _features(b, n, device="d1", seed=0, start=0):
 
 def _expected(b, frames):
     """Tail output per frame, one frame at a time (the worker batches; the answers must not change)."""
-    from device.runtime import Model
+    from runtime.interpreter import Model
 
     tail = Model(b.tail_path)
     spec = b.manifest.feature

@@ -18,12 +18,12 @@ import pytest
 from PIL import Image
 
 from device.agent import DeviceAgent
-from device.preprocess import Preprocessor
-from device.runtime import Model
 from protocol import topics
 from protocol.errors import ConfigError
 from protocol.manifest import load_bundle
 from protocol.mqtt import MqttClient
+from runtime.interpreter import Model
+from runtime.preprocess import Preprocessor
 
 from fixtures_models import BLOCKED_CLI, blocked_env
 

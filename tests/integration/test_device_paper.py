@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from device.preprocess import Preprocessor
-from device.runtime import Model
 from protocol.manifest import load_bundle
+from runtime.interpreter import Model
+from runtime.preprocess import Preprocessor
 
 from fixtures_models import BLOCKED_CLI, blocked_env
 

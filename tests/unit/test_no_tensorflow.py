@@ -1,4 +1,4 @@
-"""The device role runs where TensorFlow does not exist (a Raspberry Pi).
+"""The device role, and the runtime and protocol under it, run where TensorFlow does not exist (a Raspberry Pi).
 
 Each check runs a fresh interpreter in which importing ``tensorflow`` or
 ``keras`` raises ImportError (a meta-path finder installed before anything
@@ -30,14 +30,15 @@ DEVICE_IMPORTS = """
     import json, sys
     import protocol, protocol.errors, protocol.manifest, protocol.frame, protocol.topics, protocol.mqtt
     import protocol.signing, protocol.tensors
-    import device, device.runtime, device.preprocess, device.sources, device.agent, device.outbox
+    import runtime, runtime.interpreter, runtime.preprocess
+    import device, device.sources, device.agent, device.outbox
     import edgesplit.cli
     import importlib, pkgutil
-    # every module of the two roles, including ones added after this test was written
-    for pkg in (protocol, device):
+    # every module of the three roles, including ones added after this test was written
+    for pkg in (protocol, runtime, device):
         for m in pkgutil.iter_modules(pkg.__path__):
             importlib.import_module(f"{pkg.__name__}.{m.name}")
-    from device.runtime import pick_backend
+    from runtime.interpreter import pick_backend
     from device.agent import DeviceAgent
     b = pick_backend()
     print(json.dumps({"backend": b.name, "module": b.module,
@@ -46,11 +47,11 @@ DEVICE_IMPORTS = """
 """
 
 
-def test_device_and_protocol_import_without_tensorflow(tmp_path):
+def test_device_runtime_and_protocol_import_without_tensorflow(tmp_path):
     proc = run_blocked(tmp_path, DEVICE_IMPORTS)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["attempts"] == [], f"device/protocol tried to import {out['attempts']}"
+    assert out["attempts"] == [], f"device/runtime/protocol tried to import {out['attempts']}"
     assert out["tf_loaded"] == []
     assert out["backend"] != "tensorflow"
     assert out["module"] != "tensorflow.lite"
@@ -74,7 +75,7 @@ def test_device_command_parses_without_tensorflow(tmp_path):
 def test_interpreter_falls_back_to_tensorflow_only_when_litert_is_missing(tmp_path):
     pytest.importorskip("tensorflow")
     proc = run_blocked(tmp_path, """
-        from device.runtime import pick_backend
+        from runtime.interpreter import pick_backend
         print(pick_backend().name)
     """, block="ai_edge_litert,tflite_runtime", env_extra={"TF_CPP_MIN_LOG_LEVEL": "3"})
     assert proc.returncode == 0, proc.stderr
@@ -83,7 +84,7 @@ def test_interpreter_falls_back_to_tensorflow_only_when_litert_is_missing(tmp_pa
 
 def test_no_interpreter_at_all_says_what_to_install(tmp_path):
     proc = run_blocked(tmp_path, """
-        from device.runtime import pick_backend
+        from runtime.interpreter import pick_backend
         from protocol.errors import ConfigError
         try:
             pick_backend()

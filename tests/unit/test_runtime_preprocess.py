@@ -1,11 +1,11 @@
-"""device.preprocess: image files and arrays become exactly what the head was made for."""
+"""runtime.preprocess: image files and arrays become exactly what the head was made for."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from device.preprocess import Preprocessor, preprocess_file
+from runtime.preprocess import Preprocessor, preprocess_file
 from protocol import manifest as mf
 from protocol.errors import UsageError
 

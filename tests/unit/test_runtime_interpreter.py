@@ -1,10 +1,10 @@
-"""device.runtime: the interpreter shim and the Model wrapper, on real .tflite files."""
+"""runtime.interpreter: the interpreter shim and the Model wrapper, on real .tflite files."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from device.runtime import BACKENDS, Model, TensorInfo, dequantize, pick_backend, quantize
+from runtime.interpreter import BACKENDS, Model, TensorInfo, dequantize, pick_backend, quantize
 from protocol.errors import UsageError
 
 
