@@ -12,8 +12,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-# every top-level package is walked; these must be among them (runtime/ too, once it exists)
-ROLES = ("protocol", "device", "cloud", "converter", "auditor", "deploy", "edgesplit", "bench")
+# every top-level package is walked; these must be among them
+ROLES = ("protocol", "runtime", "device", "cloud", "converter", "auditor", "deploy", "edgesplit", "bench")
 
 
 def modules(root: Path) -> dict[str, Path]:
