@@ -437,7 +437,7 @@ def test_tls_burst_arrives_whole(tls_broker, topic_root):
 
 @pytest.mark.parametrize("qos", [0, 1])
 def test_publishes_from_several_threads_all_arrive_each_in_its_order(broker, topic_root, qos):
-    """paho's network thread is woken once per burst, not per packet (protocol/mqtt.py): bursts
+    """paho's network thread is woken once per burst, not per packet (protocol/mqtt/paho_client.py): bursts
     queued from several threads at once must all leave, none waiting behind a wake-up skipped."""
     got, n_threads, n_each = [], 4, 300
     sub = _client(broker.url, keepalive=60, max_inflight=1000)
@@ -488,7 +488,7 @@ def test_a_publish_to_an_idle_client_leaves_at_once(broker, topic_root):
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
 def test_more_messages_than_the_inflight_window_all_leave_in_order(mosquitto_broker, topic_root, protocol):
     """The adapter reads plain PUBACKs itself and skips paho's scan for queued messages when none
-    is queued (protocol/mqtt.py); with a window of 3, most messages wait behind it and must each
+    is queued (protocol/mqtt/paho_client.py); with a window of 3, most messages wait behind it and must each
     leave, in order, as PUBACKs free the window, and every Delivery must complete."""
     got = []
     url = f"{mosquitto_broker.url}?protocol={protocol}"
