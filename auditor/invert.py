@@ -83,7 +83,7 @@ def _total_variation(x):
 
 def whitebox_invert(head, targets, *, iters: int = 300, lr: float = 1e-2, tv: float = 0.0,
                     start: str = "grey", batch_size: int = 128, progress: bool = False,
-                    desc: str = "white-box") -> np.ndarray:
+                    desc: str = "white-box", low=0.0, high=1.0, mask_zeros: bool = False) -> np.ndarray:
     """Reconstruct inputs from features ``targets`` by gradient descent on the Keras ``head``.
 
     Per image the loss is ‖b(x) − t‖² / ‖t‖² + tv·TV(x): the feature error divided by the
@@ -91,6 +91,11 @@ def whitebox_invert(head, targets, *, iters: int = 300, lr: float = 1e-2, tv: fl
     it only makes one ``tv`` weight mean the same at every layer).  Adam (β = 0.9, 0.999)
     with step ``lr``; x is clipped to [0, 1] after every step.  Images are solved
     independently, many per batch.  Returns float32 images shaped like the head's input.
+
+    ``low`` / ``high`` (scalars or per channel) bound the model's input (pixels 0 and 255 after
+    preprocessing); "grey" starts half way, "zeros" at the black image.  ``mask_zeros`` compares
+    only the entries of ``t`` that are not 0 (against a dropout at the cut, whose dropped entries
+    say nothing about the input).
     """
     import tensorflow as tf
 
@@ -100,7 +105,11 @@ def whitebox_invert(head, targets, *, iters: int = 300, lr: float = 1e-2, tv: fl
     out_shape = tuple(int(d) for d in head.output_shape[1:])
     if targets.shape[1:] != out_shape:
         targets = targets.reshape((len(targets),) + out_shape)
-    fill = 0.0 if settings.start == "zeros" else 0.5
+    low = np.broadcast_to(np.asarray(low, np.float32), in_shape[-1:]).astype(np.float32)
+    high = np.broadcast_to(np.asarray(high, np.float32), in_shape[-1:]).astype(np.float32)
+    fill = low if settings.start == "zeros" else (low + high) / 2
+    lo_t, hi_t = tf.constant(low), tf.constant(high)
+    scale_tv = float(np.mean(high - low)) or 1.0  # TV of pixels in [0, 1], whatever the input scale
     b1, b2, eps = 0.9, 0.999, 1e-8
     feat_axes = list(range(1, 1 + len(out_shape)))
 
@@ -111,21 +120,23 @@ def whitebox_invert(head, targets, *, iters: int = 300, lr: float = 1e-2, tv: fl
 
     @tf.function(reduce_retracing=True)
     def run(target, steps):
+        keep = tf.cast(tf.not_equal(target, 0.0), tf.float32) if mask_zeros else tf.ones_like(target)
         energy = tf.reduce_mean(target * target, axis=feat_axes) + 1e-12
         err = tf.zeros(tf.shape(target)[:1])
         for _ in tf.range(steps):
             with tf.GradientTape() as tape:
                 tape.watch(x)
                 feat = head(x, training=False)
-                err = tf.reduce_mean(tf.square(feat - target), axis=feat_axes) / energy
-                loss = tf.reduce_sum(err + settings.tv * _total_variation(x))
+                err = tf.reduce_mean(keep * tf.square(feat - target), axis=feat_axes) / energy
+                loss = tf.reduce_sum(err + settings.tv * _total_variation(x) / scale_tv)
             g = tape.gradient(loss, x)
             t_count.assign_add(1.0)
             m.assign(b1 * m + (1 - b1) * g)
             v.assign(b2 * v + (1 - b2) * g * g)
             m_hat = m / (1 - tf.pow(b1, t_count))
             v_hat = v / (1 - tf.pow(b2, t_count))
-            x.assign(tf.clip_by_value(x - settings.lr * m_hat / (tf.sqrt(v_hat) + eps), 0.0, 1.0))
+            step = settings.lr * scale_tv * m_hat / (tf.sqrt(v_hat) + eps)
+            x.assign(tf.clip_by_value(x - step, lo_t, hi_t))
         return tf.reduce_mean(err)
 
     # Each call traces its own graph (a new head); TF warns about "retracing" after five.
@@ -149,7 +160,7 @@ def _solve(run, x, m, v, t_count, targets, in_shape, fill, settings, progress, d
     for start_i in range(0, len(targets), settings.batch_size):
         target = tf.constant(targets[start_i:start_i + settings.batch_size])
         shape = (int(target.shape[0]),) + in_shape
-        x.assign(tf.fill(shape, fill))
+        x.assign(tf.broadcast_to(tf.constant(fill, tf.float32), shape))
         m.assign(tf.zeros(shape))
         v.assign(tf.zeros(shape))
         t_count.assign(0.0)

@@ -1,0 +1,76 @@
+"""Query access: a decoder trained on the attacker's own images sent through the deployed head."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from auditor.attacks import register
+from auditor.attacks.base import Attack, AuxData, DeployedHead, Reconstruction, ThreatModel
+
+QUERY = ThreatModel(
+    name="query access", queries=True, aux_data=True,
+    knows="its own images and the tensors the deployed head sends for them (defence included, fresh each "
+          "time): trains a decoder from sent tensor to image on those pairs",
+    reference="He, Zhang & Lee 2019 (inverse network)")
+
+
+def epochs_for(n: int, epochs: int, batch_size: int, min_steps: int, max_epochs: int = 200) -> int:
+    """Epochs for ``n`` training pairs: at least ``epochs``, and at least ``min_steps`` updates in all,
+    so that a small auxiliary budget is not also an undertrained decoder."""
+    steps_per_epoch = max(1, math.ceil(n / batch_size))
+    return int(min(max_epochs, max(epochs, math.ceil(min_steps / steps_per_epoch))))
+
+
+@register
+class QueryDecoder(Attack):
+    """He et al.'s inverse network, over a sweep of auxiliary-data budgets (the largest is the answer)."""
+
+    name = "decoder"
+    title = "learned decoder"
+    threat_model = QUERY
+
+    @dataclass(frozen=True)
+    class Settings:
+        max_n: int = 100_000
+        budgets: tuple = (100, 1000, 10_000)  # auxiliary images; each capped at what the attacker has
+        epochs: int = 5                        # at the largest budget
+        min_steps: int = 300                   # updates at least, whatever the budget
+        batch_size: int = 32
+        lr: float = 1e-3
+
+    def missing(self, head: DeployedHead, aux: AuxData) -> str | None:
+        return None if len(aux) >= 2 else "the attacker has no images of its own"
+
+    def reconstruct(self, head, sent, aux, *, seed=0, progress=False) -> Reconstruction:
+        from auditor import invert
+
+        s = self.settings
+        budgets = sorted({min(int(b), len(aux)) for b in s.budgets if int(b) >= 2} or {len(aux)})
+        sweep, info = {}, {}
+        rec = None
+        for b in budgets:
+            own = aux.take(b)
+            feats = head.send(own.x)  # the attacker's queries: fresh noise on every call when hardened
+            pixels_in = np.clip(own.x, *head.input_range)
+            epochs = epochs_for(b, s.epochs if b == budgets[-1] else 1, s.batch_size, s.min_steps)
+            dec = invert.train_decoder(feats, _to_unit(head, pixels_in), epochs=epochs, batch_size=s.batch_size,
+                                       lr=s.lr, seed=seed, progress=progress, desc=f"decoder {head.cut} n={b}")
+            rec = _from_unit(head, dec.decode(sent))
+            sweep[str(b)] = rec
+            info[str(b)] = {"epochs": epochs, "final_train_mse": dec.final_loss}
+        return Reconstruction(rec, settings={"budgets": budgets, "train_n": budgets[-1], "per_budget": info,
+                                             "train_images": "the attacker's own (disjoint from the victims)"},
+                              sweep=sweep if len(sweep) > 1 else {})
+
+
+def _to_unit(head: DeployedHead, x) -> np.ndarray:
+    """Model input -> [0, 1] (the decoder ends in a sigmoid)."""
+    low, high = head.input_range
+    return (np.asarray(x, np.float32) - low) / np.maximum(high - low, 1e-12)
+
+
+def _from_unit(head: DeployedHead, u) -> np.ndarray:
+    low, high = head.input_range
+    return (np.asarray(u, np.float32) * (high - low) + low).astype(np.float32)
