@@ -21,7 +21,7 @@ def from_bundle(bundle, model, *, depth: float = 0.0, head_runtime=None, tail_ru
 
     from auditor import features
     from converter.split import split_model
-    from device.runtime import Model
+    from runtime.interpreter import Model
 
     cut = bundle.manifest.cut
     split = split_model(model, cut)
