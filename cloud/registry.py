@@ -16,18 +16,12 @@ from typing import Iterable
 
 import numpy as np
 
-from protocol.errors import BundleError, FrameError
+from protocol.errors import BundleError, FrameError, Reason
 from protocol.frame import Frame
 from protocol.manifest import Bundle, FeatureSpec, load_bundle
 from runtime.interpreter import Model
 
 log = logging.getLogger(__name__)
-
-
-def _reject(reason: str, message: str, fix: str | None = None) -> FrameError:
-    err = FrameError(message, fix=fix)
-    err.reason = reason
-    return err
 
 
 @dataclasses.dataclass
@@ -50,21 +44,23 @@ class Served:
         """The frame's tensor shaped like the feature spec, or FrameError saying what does not fit."""
         spec = self.feature
         if frame.kind != "features":
-            raise _reject("wrong-kind", f"a {frame.kind} frame arrived on a features topic",
-                          fix="publish results on the results topic, features on the features topic")
+            raise FrameError(Reason.WRONG_KIND, f"a {frame.kind} frame arrived on a features topic",
+                             fix="publish results on the results topic, features on the features topic")
         if frame.dtype != spec.dtype:
-            raise _reject("bad-dtype", f"feature dtype is {frame.dtype}, bundle {self.bundle_id} expects {spec.dtype}",
-                          fix="run the head of the same bundle on the device")
+            raise FrameError(Reason.BAD_DTYPE,
+                             f"feature dtype is {frame.dtype}, bundle {self.bundle_id} expects {spec.dtype}",
+                             fix="run the head of the same bundle on the device")
         shape = tuple(frame.shape)
         if shape != tuple(spec.shape) and shape != (1, *spec.shape):
-            raise _reject("bad-shape", f"feature shape is {list(shape)}, bundle {self.bundle_id} expects "
-                                       f"{list(spec.shape)}", fix="run the head of the same bundle on the device")
+            raise FrameError(Reason.BAD_SHAPE, f"feature shape is {list(shape)}, bundle {self.bundle_id} expects "
+                                               f"{list(spec.shape)}",
+                             fix="run the head of the same bundle on the device")
         if spec.quantized and frame.scale is not None:
             if not (math.isclose(frame.scale, spec.scale, rel_tol=1e-6) and frame.zero_point == spec.zero_point):
-                raise _reject("bad-quantization",
-                              f"feature quantization (scale {frame.scale}, zero point {frame.zero_point}) differs "
-                              f"from bundle {self.bundle_id}'s ({spec.scale}, {spec.zero_point})",
-                              fix="run the head of the same bundle on the device")
+                raise FrameError(Reason.BAD_QUANTIZATION,
+                                 f"feature quantization (scale {frame.scale}, zero point {frame.zero_point}) differs "
+                                 f"from bundle {self.bundle_id}'s ({spec.scale}, {spec.zero_point})",
+                                 fix="run the head of the same bundle on the device")
         return frame.tensor.reshape(spec.shape)
 
     def tail_input(self, tensors: list[np.ndarray]) -> np.ndarray:
@@ -127,9 +123,9 @@ class Registry:
         """The bundle a frame names, or FrameError (reason ``unknown-bundle``)."""
         served = self._served.get(frame.bundle_id)
         if served is None:
-            raise _reject("unknown-bundle", f"bundle {frame.bundle_id} is not served here (serving "
-                                            f"{', '.join(self.ids) or 'nothing'})",
-                          fix="start the cloud with --bundle for that bundle, or update the device's bundle")
+            raise FrameError(Reason.UNKNOWN_BUNDLE, f"bundle {frame.bundle_id} is not served here (serving "
+                                                    f"{', '.join(self.ids) or 'nothing'})",
+                             fix="start the cloud with --bundle for that bundle, or update the device's bundle")
         return served
 
     @property

@@ -35,9 +35,9 @@ import numpy as np
 
 from cloud.batcher import MicroBatcher
 from cloud.dedupe import DedupeWindow, Verdict
-from cloud.registry import Registry, Served, _reject
+from cloud.registry import Registry, Served
 from protocol import signing, topics
-from protocol.errors import ConfigError, EdgesplitError, FrameError, TopicError, UsageError
+from protocol.errors import ConfigError, EdgesplitError, FrameError, Reason, TopicError, UsageError
 from protocol.frame import Frame, decode_frame, encode_frame, now_us
 from protocol.mqtt import MqttClient, parse_url
 
@@ -222,23 +222,24 @@ class Worker:
             try:
                 where, reply = self._parse_topic(item.topic)
             except TopicError as exc:
-                self._dead_letter(item, None, "bad-topic", exc.message)
+                self._dead_letter(item, None, Reason.BAD_TOPIC, exc.message)
                 continue
             try:
                 frame = decode_frame(item.payload, key=self.keys)   # MAC checked before the tensor
                 if frame.device_id != where.device:
-                    raise _reject("device-mismatch", f"frame from device {frame.device_id!r} arrived on the topic "
-                                                     f"of device {where.device!r}")
+                    raise FrameError(Reason.DEVICE_MISMATCH,
+                                     f"frame from device {frame.device_id!r} arrived on the topic "
+                                     f"of device {where.device!r}")
                 if self.replay is not None:
                     self.replay.check_frame(frame)                  # only after the MAC proved seq and time
                 served = self.registry.lookup(frame)
                 tensor = served.check(frame)
             except FrameError as exc:
-                self._dead_letter(item, where, getattr(exc, "reason", None) or "bad-frame", exc.message)
+                self._dead_letter(item, where, exc.reason, exc.message)
                 continue
             except Exception as exc:  # a decoder bug must not take the worker down
                 log.exception("unexpected error on a frame from %s", item.topic)
-                self._dead_letter(item, where, "internal-error", f"{type(exc).__name__}: {exc}")
+                self._dead_letter(item, where, Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
                 continue
             verdict, stored = self.dedupe.check(frame.device_id, frame.request_id, item.t_recv_us)
             if verdict is not Verdict.NEW:
@@ -304,9 +305,9 @@ class Worker:
         # kept so that a re-send arriving after this moment gets the same answer again
         self.dedupe.answered(result.device_id, result.request_id, topic, payload)
 
-    def _dead_letter(self, item: _Item, where: topics.Topic | None, reason: str, detail: str) -> None:
+    def _dead_letter(self, item: _Item, where: topics.Topic | None, reason: Reason, detail: str) -> None:
         self.stats.dead_lettered += 1
-        self.stats.reasons[reason] += 1
+        self.stats.reasons[reason.value] += 1          # plain strings: the counters travel as JSON
         fleet, device = (where.fleet, where.device) if where is not None else _salvage_ids(item.topic)
         log.debug("dead letter from %s: %s (%s)", item.topic, reason, detail)
         try:

@@ -4,8 +4,13 @@ Each error says what happened and what to do about it.  The command maps the
 class to an exit code: 2 for a user mistake, 78 for a configuration the
 service cannot run with (so systemd does not restart-loop), 1 for a failed
 check.
+
+A refused frame carries one :class:`Reason` from a closed list (the dead letters' and
+counters' ``reason``); docs/frame-format.md has the same list, checked by a test.
 """
 from __future__ import annotations
+
+import enum
 
 
 class EdgesplitError(Exception):
@@ -41,20 +46,82 @@ class CheckFailed(EdgesplitError):
     exit_code = 1
 
 
+class Reason(str, enum.Enum):
+    """Why a frame was refused: a short stable code for dead letters, counters and logs.
+
+    The list is closed: a new way to refuse a frame gets a member here and a row in the table of
+    docs/frame-format.md.  ``where`` names who gives it: the frame ``codec`` (``protocol.frame``,
+    ``protocol.fields``), ``signing``, the cloud ``registry`` or the ``worker``.  A member is
+    its code as a string (``Reason.BAD_MAC == "bad-mac"``).
+    """
+
+    where: tuple[str, ...]
+
+    def __new__(cls, code: str, *where: str):
+        member = str.__new__(cls, code)
+        member._value_ = code
+        member.where = where
+        return member
+
+    # the frame codec: the payload as bytes, then the header, then the tensor
+    BAD_PAYLOAD = "bad-payload", "codec"
+    TOO_LARGE = "too-large", "codec"
+    TRUNCATED = "truncated", "codec"
+    BAD_MAGIC = "bad-magic", "codec"
+    BAD_VERSION = "bad-version", "codec"
+    BAD_HEADER = "bad-header", "codec"
+    HEADER_TOO_LARGE = "header-too-large", "codec"
+    BAD_KIND = "bad-kind", "codec"
+    BAD_DEVICE_ID = "bad-device-id", "codec"
+    BAD_BUNDLE_ID = "bad-bundle-id", "codec"
+    BAD_FIELD = "bad-field", "codec"
+    BAD_LABEL = "bad-label", "codec"
+    BAD_TENSOR = "bad-tensor", "codec"
+    BAD_DTYPE = "bad-dtype", "codec", "registry"
+    BAD_ENCODING = "bad-encoding", "codec"
+    BAD_SHAPE = "bad-shape", "codec", "registry"
+    BAD_QUANTIZATION = "bad-quantization", "codec", "registry"
+    BAD_SIZE = "bad-size", "codec"
+    BAD_ZSTD = "bad-zstd", "codec"
+    BAD_MAC = "bad-mac", "codec"
+    # signing: keys and the replay window
+    UNKNOWN_DEVICE = "unknown-device", "signing"
+    STALE = "stale", "signing"
+    REPLAY = "replay", "signing"
+    # the cloud registry: does the frame fit a bundle served here (and bad-dtype, -shape, -quantization)
+    WRONG_KIND = "wrong-kind", "registry"
+    UNKNOWN_BUNDLE = "unknown-bundle", "registry"
+    # the worker: where the frame arrived, and its own failures
+    BAD_TOPIC = "bad-topic", "worker"
+    DEVICE_MISMATCH = "device-mismatch", "worker"
+    INTERNAL_ERROR = "internal-error", "worker"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
 class FrameError(EdgesplitError):
     """A wire frame is malformed, oversized, or does not match what was expected.
 
-    ``reason`` is a short stable code (``bad-mac``, ``replay``, ``bad-shape``...)
-    that dead letters and counters use; the message is for people.
+    ``reason`` is the :class:`Reason` (``bad-mac``, ``replay``, ``bad-shape``...) that dead
+    letters and counters use; the message is for people.  The one way to refuse a frame::
+
+        raise FrameError(Reason.BAD_MAC, "bad MAC: ...", fix="...")
     """
 
     exit_code = 1
-    reason: str | None = None
 
-    def __init__(self, message: str, fix: str | None = None, reason: str | None = None):
+    def __init__(self, reason: Reason, message: str, fix: str | None = None):
+        if not isinstance(reason, Reason):   # the list is closed: a typo fails where it is written
+            raise TypeError(f"FrameError needs a protocol.errors.Reason, got {reason!r}")
         super().__init__(message, fix)
-        if reason is not None:
-            self.reason = reason
+        self.reason = reason
+
+    def __reduce__(self):
+        return type(self), (self.reason, self.message, self.fix)
 
 
 class TopicError(UsageError):

@@ -24,7 +24,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Mapping, Union
 
-from protocol.errors import FrameError, UsageError
+from protocol.errors import FrameError, Reason, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +34,6 @@ MIN_KEY_BYTES = 16      # shorter keys are refused
 KEY_SUFFIX = ".key"
 
 KeySource = Union[bytes, Mapping[str, bytes], Callable[[str], "bytes | None"]]
-
-
-def _fail(reason: str, message: str, fix: str | None = None) -> FrameError:
-    err = FrameError(message, fix=fix)
-    err.reason = reason  # short code for counters and dead letters
-    return err
 
 
 # --------------------------------------------------------------------------- keys
@@ -144,8 +138,8 @@ def key_for(source: KeySource | None, device_id: str) -> bytes | None:
         return check_key(source)
     key = source.get(device_id) if isinstance(source, Mapping) else source(device_id)
     if key is None:
-        raise _fail("unknown-device", f"unknown device {device_id!r}: no signing key for it",
-                    fix="add the device's key (<device-id>.key) to the worker's key directory")
+        raise FrameError(Reason.UNKNOWN_DEVICE, f"unknown device {device_id!r}: no signing key for it",
+                         fix="add the device's key (<device-id>.key) to the worker's key directory")
     return check_key(key)
 
 
@@ -224,10 +218,11 @@ class ReplayWindow:
         skew = t_send_us - now
         if abs(skew) > self.window_us:
             where = "in the future" if skew > 0 else "old"
-            raise _fail("stale", f"frame from {device_id!r} seq {seq} was sent {abs(skew) / 1e6:.1f} s {where}, "
-                                 f"outside the replay window of ±{self.window_us / 1e6:g} s",
-                        fix="synchronise the device's clock (NTP) with the worker's; "
-                            "a genuine old frame must be re-sent as a new frame")
+            raise FrameError(Reason.STALE,
+                             f"frame from {device_id!r} seq {seq} was sent {abs(skew) / 1e6:.1f} s {where}, "
+                             f"outside the replay window of ±{self.window_us / 1e6:g} s",
+                             fix="synchronise the device's clock (NTP) with the worker's; "
+                                 "a genuine old frame must be re-sent as a new frame")
         key = (int(seq), int(t_send_us))
         with self._lock:
             st = self._devices.get(device_id)
@@ -239,13 +234,13 @@ class ReplayWindow:
             else:
                 self._devices.move_to_end(device_id)
             if key in st.seen:
-                raise _fail("replay", f"replayed frame: device {device_id!r} already sent seq {seq} "
-                                      f"at t_send_us={t_send_us}",
-                            fix="a device must give every transmission a new sequence number and send time")
+                raise FrameError(Reason.REPLAY, f"replayed frame: device {device_id!r} already sent seq {seq} "
+                                                f"at t_send_us={t_send_us}",
+                                 fix="a device must give every transmission a new sequence number and send time")
             if t_send_us <= st.evicted_max_t:
-                raise _fail("replay", f"frame from {device_id!r} seq {seq} is older than the replay window "
-                                      f"remembers (the last {self.per_device} frames); it may be a replay",
-                            fix="re-send it as a new frame (new seq and send time)")
+                raise FrameError(Reason.REPLAY, f"frame from {device_id!r} seq {seq} is older than the replay window "
+                                                f"remembers (the last {self.per_device} frames); it may be a replay",
+                                 fix="re-send it as a new frame (new seq and send time)")
             st.seen[key] = None
             oldest_ok = now - self.window_us
             while st.seen:
