@@ -12,8 +12,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from protocol.errors import (BundleError, CheckFailed, ConfigError, EdgesplitError, FrameError, TopicError,
-                             UsageError)
+from protocol.errors import (BundleError, CheckFailed, ConfigError, EdgesplitError, FrameError, Reason,
+                             TopicError, UsageError)
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ below imports these on first use
     from protocol import manifest, mqtt, tensors, topics
@@ -22,8 +22,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ below i
     from protocol.signing import ReplayWindow, generate_key, load_key, load_keys, write_key
 
 __all__ = [
-    # errors
+    # errors, and the closed list of reasons a frame is refused for
     "EdgesplitError", "UsageError", "BundleError", "ConfigError", "CheckFailed", "FrameError", "TopicError",
+    "Reason",
     # wire frames (protocol.frame)
     "Frame", "FrameLimits", "encode_frame", "decode_frame", "header_size",
     # signing (protocol.signing)
