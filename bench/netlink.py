@@ -7,7 +7,7 @@ by the shaped-link benchmarks::
 
     with ShapedLink(rate="20mbit") as link:             # namespace + veth pair + tbf both ways
         with link.relay(("127.0.0.1", broker_port), delay_ms=40, jitter_ms=10, cut_fraction=0.02) as relay:
-            dev = link.popen([python, "-m", "device.service", ...], cpus="0")   # runs in the namespace
+            dev = link.popen([python, "-m", "edgesplit", "device", "serve", ...], cpus="0")   # runs in the namespace
             ...                                        # inside it, the broker is at relay.url
         print(relay.stats.summary())
 

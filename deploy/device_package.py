@@ -274,41 +274,6 @@ def download_wheels(requirements: Sequence[str], dest: str | os.PathLike, *, pla
     return out
 
 
-# --------------------------------------------------------------------------- config and credentials
-
-def _read_broker_json(cdir: Path) -> dict:
-    p = cdir / "broker.json"
-    if not p.is_file():
-        return {}
-    try:
-        info = json.loads(p.read_text())
-    except ValueError as exc:
-        raise UsageError(f"{p} is not valid JSON ({exc})", fix="re-run `edgesplit broker config`") from None
-    if info.get("role", "device") != "device":
-        raise UsageError(f"{cdir} holds the credentials of a {info.get('role')} user, not a device",
-                         fix="pass the device's directory: <broker config out>/devices/<device id>")
-    return info
-
-
-def _find_credentials(credentials: str | os.PathLike, device_id: str | None) -> Path:
-    c = Path(credentials)
-    if not c.is_dir():
-        raise UsageError(f"credentials directory {c} does not exist",
-                         fix="write them with `edgesplit broker config --out DIR --device ID`, then pass "
-                             "--credentials DIR/devices/ID")
-    if (c / "broker.json").is_file() or (c / "password").is_file():
-        return c
-    if device_id and (c / "devices" / device_id).is_dir():
-        return c / "devices" / device_id
-    if (c / "devices").is_dir():
-        known = sorted(p.name for p in (c / "devices").iterdir() if p.is_dir())
-        raise UsageError(f"{c} is a broker configuration; which device?",
-                         fix=f"add --device-id (one of {', '.join(known) or 'none'}) or pass "
-                             f"--credentials {c}/devices/<id>")
-    raise UsageError(f"{c} holds no broker.json or password", fix="pass a devices/<id>/ directory of "
-                                                                    "`edgesplit broker config`")
-
-
 # --------------------------------------------------------------------------- rendering
 
 def render_unit(*, password: bool, ca: bool, key: bool, inputs: Sequence[str],
@@ -391,7 +356,8 @@ def build_device_package(bundle: str | os.PathLike, out: str | os.PathLike, *, c
     ``credentials`` directory that ``edgesplit broker config`` wrote for the device.
     """
     t0 = time.monotonic()
-    from device.service import dump_config, load_config, parse_config
+    from device.config import dump_config, load_config, parse_config
+    from device.credentials import find_device_dir, read_credentials
     from protocol import topics
     from protocol.manifest import MANIFEST_NAME, load_bundle
 
@@ -409,8 +375,9 @@ def build_device_package(bundle: str | os.PathLike, out: str | os.PathLike, *, c
     if config is not None:
         base = load_config(config).to_dict()     # validates it
         raw = {k: v for k, v in base.items()}
-    cdir = _find_credentials(credentials, device_id) if credentials is not None else None
-    info = _read_broker_json(cdir) if cdir is not None else {}
+    cdir = find_device_dir(credentials, device_id) if credentials is not None else None
+    # the device's own reader: what the package ships is what the device would have read there
+    found, info = read_credentials(cdir, error=UsageError) if cdir is not None else (None, {})
     broker_section = dict(raw.get("broker", {}))
     dev = device_id or raw.get("device_id") or info.get("device_id") or info.get("username")
     if info.get("device_id") and device_id and info["device_id"] != device_id:
@@ -444,13 +411,11 @@ def build_device_package(bundle: str | os.PathLike, out: str | os.PathLike, *, c
     secrets: dict[str, bytes] = {}
     if url_password is not None:
         secrets["password"] = url_password.encode()
-    if cdir is not None:
-        pw = cdir / (info.get("password_file") or "password")
-        if pw.is_file():
-            secrets["password"] = pw.read_bytes().strip()
-        ca = cdir / (info.get("ca_file") or "ca.crt")
-        if ca.is_file():
-            secrets["ca.crt"] = ca.read_bytes()
+    if found is not None:
+        if found.password is not None:
+            secrets["password"] = found.password.encode()
+        if found.ca_path is not None:
+            secrets["ca.crt"] = Path(found.ca_path).read_bytes()
     if parsed.ca:
         secrets["ca.crt"] = Path(parsed.ca).read_bytes()
     if key is not None:

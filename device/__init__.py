@@ -3,6 +3,7 @@
 Never imports TensorFlow.  The head itself runs in :mod:`runtime` (shared with the
 cloud, the converter and the auditor).  Public names, imported lazily:
 
+* :class:`DeviceConfig`, :func:`load_config` (``device.config``) — every setting, defined once
 * :class:`DeviceAgent`, :class:`DeviceResult`, :class:`AgentStats` (``device.agent``)
 * :func:`open_inputs`, :class:`Sample` (``device.sources``)
 * :class:`SqliteOutbox` (``device.outbox``)
@@ -12,6 +13,8 @@ from __future__ import annotations
 import importlib
 
 _PUBLIC = {
+    "DeviceConfig": "device.config",
+    "load_config": "device.config",
     "DeviceAgent": "device.agent",
     "DeviceResult": "device.agent",
     "AgentStats": "device.agent",

@@ -264,14 +264,14 @@ class _Doctor:
     def config(self) -> None:
         path = self.config_arg
         if path is None and self.bundle_arg is None and self.broker_arg is None:
-            from device.service import DEFAULT_CONFIG
+            from device.config import DEFAULT_CONFIG
 
             if Path(DEFAULT_CONFIG).is_file():
                 path = DEFAULT_CONFIG
         if path is None:
             self.add("config", SKIP, "no device config given (--config FILE)")
             return
-        from device.service import load_config
+        from device.config import load_config
 
         try:
             self.cfg = load_config(path)
@@ -325,7 +325,7 @@ class _Doctor:
         if self.cfg is None:
             self.add("credentials", SKIP, "no device config (credentials come from it)")
             return
-        from device.service import resolve_credentials
+        from device.credentials import resolve_credentials
 
         try:
             self.creds = resolve_credentials(self.cfg, self.env)

@@ -1,9 +1,11 @@
-"""Where the device's inputs come from: image files, folders, globs, a camera.
+"""Where the device's inputs come from: image files, folders, globs, a camera, and folders watched.
 
 Every source yields :class:`Sample` objects in a deterministic order (sorted
 paths), so two runs over the same folder send the same requests in the same
-order.  The camera goes through ``picamera2`` (installed with apt on Raspberry
-Pi OS, never with pip) and is imported only when asked for.
+order.  :class:`FolderWatcher` finds the images that arrive in watched folders
+(the service), with the same rules as a one-off run (:func:`expand_paths`).  The
+camera goes through ``picamera2`` (installed with apt on Raspberry Pi OS, never
+with pip) and is imported only when asked for.
 """
 from __future__ import annotations
 
@@ -39,11 +41,27 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def _folder(path: Path) -> list[Path]:
-    # Recursive so a dataset laid out as <class>/<file>.png works; hidden files skipped.
-    found = [p for p in path.rglob("*")
-             if p.is_file() and _is_image(p) and not any(part.startswith(".") for part in p.relative_to(path).parts)]
-    return sorted(found)
+def _folder(path: Path, skip: frozenset[Path] = frozenset()) -> list[Path]:
+    """Image files under ``path``, sorted; hidden files and folders, and the folders in ``skip``, left out."""
+    # Recursive so a dataset laid out as <class>/<file>.png works.
+    found = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        d = Path(dirpath)
+        dirnames[:] = [n for n in dirnames if not n.startswith(".") and (not skip or (d / n).resolve() not in skip)]
+        found += [d / f for f in filenames if not f.startswith(".") and _is_image(Path(f))]
+    return sorted(p for p in found if p.is_file())
+
+
+def _is_glob(spec: str) -> bool:
+    return any(c in _GLOB_CHARS for c in spec) and not os.path.exists(spec)
+
+
+def _glob(spec: str, skip: frozenset[Path] = frozenset()) -> list[Path]:
+    matches = sorted(Path(m) for m in glob.glob(spec, recursive=True))
+    paths = [p for p in matches if p.is_file() and _is_image(p) and not p.name.startswith(".")]
+    for d in (p for p in matches if p.is_dir() and (not skip or p.resolve() not in skip)):
+        paths.extend(_folder(d, skip))
+    return paths
 
 
 def expand_paths(specs: Iterable[str]) -> list[Path]:
@@ -56,11 +74,8 @@ def expand_paths(specs: Iterable[str]) -> list[Path]:
     seen: set[Path] = set()
     for spec in specs:
         spec = os.path.expanduser(str(spec))
-        if any(c in _GLOB_CHARS for c in spec) and not os.path.exists(spec):
-            matches = sorted(Path(m) for m in glob.glob(spec, recursive=True))
-            paths = [p for p in matches if p.is_file() and _is_image(p)]
-            for d in (p for p in matches if p.is_dir()):
-                paths.extend(_folder(d))
+        if _is_glob(spec):
+            paths = _glob(spec)
             if not paths:
                 raise UsageError(f"the pattern {spec!r} matches no image file",
                                  fix=f"check the pattern; image endings read: {', '.join(sorted(IMAGE_SUFFIXES))}")
@@ -172,3 +187,88 @@ def _iterate(plan, camera_interval, camera_size) -> Iterator[Sample]:
         else:
             for p in what:
                 yield Sample(name=str(p), data=p)
+
+
+class FolderWatcher:
+    """New images in watched folders and globs, each handed out once; what is done is moved or deleted.
+
+    An image is new when it is an image file (:data:`IMAGE_SUFFIXES`), not hidden,
+    not in flight, and left unchanged for ``settle`` seconds: a writer that copies
+    slowly is not read half-written (the safe way to write one is to a hidden name,
+    then rename it into place).  When its answer is in, :meth:`done` moves it under
+    ``done_dir`` (``after="delete"``: deletes it) or, if it failed, under
+    ``failed_dir`` so it is not retried for ever; both keep its path below the
+    watched folder.
+    """
+
+    def __init__(self, specs: Iterable[str], *, done_dir: Path, failed_dir: Path, settle: float = 1.0,
+                 after: str = "move"):
+        self.specs = [os.path.expanduser(str(s)) for s in specs]
+        self.done_dir, self.failed_dir = Path(done_dir), Path(failed_dir)
+        self.settle = settle
+        self.after = after
+        self.in_flight: set[str] = set()
+        self._skip = frozenset({self.done_dir.resolve(), self.failed_dir.resolve()})
+
+    @property
+    def roots(self) -> list[Path]:
+        return [Path(s) for s in self.specs if Path(s).is_dir()]
+
+    def hold(self, names: Iterable[str]) -> None:
+        """Treat these as in flight (what the outbox re-sends after a restart)."""
+        self.in_flight.update(names)
+
+    def scan(self) -> list[Path]:
+        """The images that are new since the last scan, in sorted order per spec; they are then in flight."""
+        now = time.time()
+        found: dict[str, Path] = {}
+        for spec in self.specs:
+            if _is_glob(spec):
+                candidates = _glob(spec, self._skip)
+            elif Path(spec).is_dir():
+                candidates = _folder(Path(spec), self._skip)
+            else:
+                candidates = [Path(spec)] if _is_image(Path(spec)) else []
+            for p in candidates:
+                name = str(p)
+                if name in found or name in self.in_flight:
+                    continue
+                try:
+                    st = p.stat()
+                except OSError:        # gone since it was listed
+                    continue
+                if p.is_file() and now - st.st_mtime >= self.settle:
+                    found[name] = p
+        self.in_flight.update(found)
+        return list(found.values())
+
+    def done(self, name: str, ok: bool) -> None:
+        """The answer for ``name`` is in: move (or delete) the image, and forget it."""
+        try:
+            self._dispose(Path(name), ok)
+        finally:
+            self.in_flight.discard(name)
+
+    def _dispose(self, src: Path, ok: bool) -> None:
+        if not src.is_file():
+            return
+        if ok and self.after == "delete":
+            src.unlink(missing_ok=True)
+            return
+        rel = Path(src.name)
+        for root in self.roots:
+            try:
+                rel = src.resolve().relative_to(root.resolve())
+                break
+            except ValueError:
+                continue
+        dest = (self.done_dir if ok else self.failed_dir) / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        n = 1
+        while dest.exists():
+            dest = dest.with_name(f"{src.stem}.{n}{src.suffix}")
+            n += 1
+        try:
+            os.replace(src, dest)
+        except OSError as exc:
+            log.warning("cannot move %s to %s: %s", src, dest, exc)

@@ -193,6 +193,8 @@ def run_broker_config(args) -> int:
 
 
 def add_device(sub):
+    from device.config import DEFAULT_CONFIG
+
     p = sub.add_parser("device", help="the device role: run a bundle's head and send features to the cloud")
     dsub = p.add_subparsers(dest="device_verb", metavar="ACTION")
     dsub.required = True
@@ -234,6 +236,17 @@ def add_device(sub):
     r.add_argument("--stats-json", default=None, metavar="FILE",
                    help="also write the run's counters and latency percentiles as JSON to FILE")
     r.set_defaults(func=run_device)
+    v = dsub.add_parser("serve", help="the device service (what edgesplit-device.service runs): watch the "
+                                      "configured inputs and send them until stopped",
+                        description="Reads the device config (docs/deploy.md), talks to systemd (Type=notify, "
+                                    "watchdog) and exits 0 after a clean stop, 78 on a configuration it "
+                                    "cannot run with (systemd then leaves it stopped).")
+    v.add_argument("--config", default=os.environ.get("EDGESPLIT_CONFIG", DEFAULT_CONFIG), metavar="FILE",
+                   help=f"device configuration file (default {DEFAULT_CONFIG}, or $EDGESPLIT_CONFIG)")
+    v.add_argument("--check", action="store_true",
+                   help="validate the configuration and credentials, print them, and exit (0 or 78)")
+    v.set_defaults(func=run_device_serve, log_format="service")
+
 
 
 def run_device(args) -> int:
@@ -254,6 +267,15 @@ def run_device(args) -> int:
         with open(args.stats_json, "w") as fh:
             json.dump(summary.to_dict(), fh, indent=2)
     return summary.exit_code
+
+
+def run_device_serve(args) -> int:
+    from device import service
+
+    if args.check:
+        print(service.check(args.config))
+        return 0
+    return service.serve(args.config)
 
 
 def add_flash(sub):
@@ -527,12 +549,25 @@ def run_plan(args) -> int:
 VERBS = [add_train, add_cuts, add_convert, add_demo, add_broker, add_device, add_flash, add_cloud, add_audit, add_bundle, add_doctor, add_profile, add_plan]
 
 
+class _Subparsers(argparse._SubParsersAction):
+    """Every verb (and sub-verb) also takes ``-v`` after its name: ``edgesplit device serve -v``."""
+
+    def add_parser(self, name, **kwargs):
+        p = super().add_parser(name, **kwargs)
+        # SUPPRESS: a verb that is not given -v leaves the top level's value alone
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="debug logging and full tracebacks")
+        p.register("action", "parsers", _Subparsers)
+        return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgesplit",
         description="Split inference at the edge: cut a Keras model, run the head on a device, "
                     "the tail in the cloud, over MQTT; audit what each cut leaks.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    parser.register("action", "parsers", _Subparsers)
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
     for add in VERBS:
@@ -540,11 +575,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_format(args) -> str:
+    if getattr(args, "log_format", None) == "service":
+        # journald adds time stamps; a terminal gets them too when not under systemd
+        under_systemd = os.environ.get("INVOCATION_ID") or os.environ.get("JOURNAL_STREAM")
+        return "%(levelname)s %(name)s: %(message)s" if under_systemd else \
+            "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    return "%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=_log_format(args),
                         stream=sys.stderr)
     from protocol.errors import EdgesplitError
 

@@ -327,7 +327,7 @@ class LocalTarget(Target):
         log_path = self.workdir / f"device-{len(self._procs)}.log"
         fh = open(log_path, "wb")
         # cwd: the target's own tree, so nothing of this checkout is importable
-        p = self.link.popen([self.venv_python, "-m", "device.service", "--config", self.config_path],
+        p = self.link.popen([self.venv_python, "-m", "edgesplit", "device", "serve", "--config", self.config_path],
                             cpus=self.cpus, cwd=self.prefix, env=self._env(), stdout=fh, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
         fh.close()
@@ -502,7 +502,7 @@ class SshTarget(Target):
     def start_device(self) -> _SshProcess:
         n = len(self._procs)
         log_path, rc_path, pid_path = (f"{self.dir}/device-{n}.{x}" for x in ("log", "rc", "pid"))
-        inner = (f"{shlex.quote(self.venv_python)} -m device.service --config {shlex.quote(self.config_path)} "
+        inner = (f"{shlex.quote(self.venv_python)} -m edgesplit device serve --config {shlex.quote(self.config_path)} "
                  f"& echo $! > {shlex.quote(pid_path)}; wait $!; echo $? > {shlex.quote(rc_path)}")
         # only the detached command may run on: nothing may hold the ssh session's output open
         self.sh(f"rm -f {shlex.quote(rc_path)} {shlex.quote(pid_path)}; cd {shlex.quote(self.prefix)} || exit 1; "

@@ -65,7 +65,7 @@ def test_a_tampered_bundle_fails_naming_the_file(tiny_bundle_dir, tmp_path):
 
 
 def test_refused_credentials_are_told_apart_from_an_unreachable_broker(make_mosquitto, tiny_bundle_dir, tmp_path):
-    from device.service import dump_config
+    from device.config import dump_config
 
     broker = make_mosquitto(users={"pi-001": "right-password"})
     creds = tmp_path / "creds"
@@ -93,7 +93,7 @@ def test_refused_credentials_are_told_apart_from_an_unreachable_broker(make_mosq
 
 
 def test_a_missing_password_file_fails_the_credentials_check(tiny_bundle_dir, tmp_path):
-    from device.service import dump_config
+    from device.config import dump_config
 
     conf = tmp_path / "device.toml"
     (tmp_path / "creds").mkdir()
@@ -130,7 +130,7 @@ def test_the_generated_tls_broker_and_device_credentials_pass_and_a_wrong_ca_fai
                                                                                    make_mosquitto, tmp_path):
     """The production path: `edgesplit broker config` (TLS only, passwords, ACL) and a device's credentials."""
     from deploy.broker_config import write_broker_config
-    from device.service import dump_config
+    from device.config import dump_config
 
     cfg = write_broker_config(open_dir / "bc", ["pi-001"], fleet="lab", hostnames=["localhost"], port=free_port())
     make_mosquitto(config_path=cfg.conf_path)

@@ -86,7 +86,7 @@ def test_install_offline_from_the_tarball_alone_then_doctor_and_service_work(mos
     text = conf.read_text()
     assert str(prefix / "opt/edgesplit/bundle") in text and str(prefix / "var/lib/edgesplit") in text
     unit = (prefix / "etc/systemd/system/edgesplit-device.service").read_text()
-    assert f"ExecStart={venv_py} -I -m device.service --config {conf}" in unit
+    assert f"ExecStart={venv_py} -I -m edgesplit device serve --config {conf}" in unit
 
     # the installed doctor, now with the broker (the test's own network)
     doc = subprocess.run([str(venv_py), "-I", "-m", "device.doctor", "--config", str(conf)], capture_output=True,
@@ -103,7 +103,7 @@ def test_install_offline_from_the_tarball_alone_then_doctor_and_service_work(mos
         Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), "L").save(inbox / f".{i}.png")
         os.replace(inbox / f".{i}.png", inbox / f"{i}.png")
     results = prefix / "var/lib/edgesplit/results.jsonl"
-    svc = subprocess.Popen([str(venv_py), "-I", "-m", "device.service", "--config", str(conf)], env=env, cwd=tmp_path,
+    svc = subprocess.Popen([str(venv_py), "-I", "-m", "edgesplit", "device", "serve", "--config", str(conf)], env=env, cwd=tmp_path,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120

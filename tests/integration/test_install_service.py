@@ -1,4 +1,4 @@
-"""The device service (`python -m device.service`, what the systemd unit runs) against a real Mosquitto,
+"""The device service (`edgesplit device serve`, what the systemd unit runs) against a real Mosquitto,
 a real cloud worker and a real bundle: sd_notify, watched folder, status, exit codes, recovery."""
 from __future__ import annotations
 
@@ -46,10 +46,10 @@ def write_images(folder: Path, n: int, start: int = 0) -> list[Path]:
 
 
 class Service:
-    """`python -m device.service --config FILE` under a fake systemd: a notify socket and a watchdog."""
+    """`edgesplit device serve --config FILE` under a fake systemd: a notify socket and a watchdog."""
 
     def __init__(self, tmp: Path, config: dict, *, python: str = sys.executable, env: dict | None = None):
-        from device.service import dump_config
+        from device.config import dump_config
 
         self.dir = tmp
         self.conf = tmp / "device.toml"
@@ -65,7 +65,7 @@ class Service:
         self._reader.start()
         self.log = open(tmp / f"service-{time.monotonic_ns()}.log", "w+")
         e = dict(os.environ, NOTIFY_SOCKET=self.sock_path, WATCHDOG_USEC="2000000", **(env or {}))
-        self.proc = subprocess.Popen([python, "-m", "device.service", "--config", str(self.conf)], cwd=tmp,
+        self.proc = subprocess.Popen([python, "-m", "edgesplit", "device", "serve", "--config", str(self.conf)], cwd=tmp,
                                      env=e, stdout=self.log, stderr=subprocess.STDOUT)
 
     def _read(self):
@@ -217,9 +217,10 @@ def test_a_bad_config_or_bundle_exits_78(mosquitto_broker, tiny_bundle_dir, tmp_
     if problem == "config":
         svc_dir = tmp_path
         conf = svc_dir / "device.toml"
-        from device.service import dump_config
+        from device.config import dump_config
 
         conf.write_text(dump_config(cfg).replace("poll_interval", "pol_interval"))
+        # `python -m device.service`, what units installed before `edgesplit device serve` run
         proc = subprocess.run([sys.executable, "-m", "device.service", "--config", str(conf)], cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 78

@@ -42,7 +42,7 @@ def _extract(tarball: Path, dest: Path) -> Path:
 
 def test_package_holds_a_verifiable_bundle_config_credentials_unit_and_installer(tiny_bundle_dir, broker_cfg, tmp_path):
     from deploy.device_package import build_device_package
-    from device.service import load_config
+    from device.config import load_config
     from protocol.manifest import load_bundle
 
     creds = broker_cfg.credentials_dir("pi-001")
@@ -88,7 +88,7 @@ def test_package_holds_a_verifiable_bundle_config_credentials_unit_and_installer
                                                    "broker-password:/etc/edgesplit/credentials/password"]
     assert k["Service.User"] == ["edgesplit"]
     assert k["Service.ProtectSystem"] == ["strict"] and k["Service.NoNewPrivileges"] == ["yes"]
-    assert "device.service" in k["Service.ExecStart"][0] and "/etc/edgesplit/device.toml" in k["Service.ExecStart"][0]
+    assert "edgesplit device serve" in k["Service.ExecStart"][0] and "/etc/edgesplit/device.toml" in k["Service.ExecStart"][0]
     assert "@@" not in unit
     if shutil.which("systemd-analyze"):
         proc = subprocess.run(["systemd-analyze", "verify", str(top / "systemd" / "edgesplit-device.service")],
@@ -171,7 +171,7 @@ def test_credentials_of_another_device_are_refused(tiny_bundle_dir, broker_cfg, 
 
 def test_a_config_file_is_validated_and_kept(tiny_bundle_dir, tmp_path):
     from deploy.device_package import build_device_package
-    from device.service import load_config
+    from device.config import load_config
 
     conf = tmp_path / "device.toml"
     conf.write_text('device_id = "pi-9"\nfleet = "yard"\nbundle = "b"\n[broker]\nurl = "mqtt://b:1883"\n'

@@ -6,8 +6,9 @@ import socket
 
 import pytest
 
-from device.service import (CREDENTIAL_NAMES, Notifier, dump_config, load_config, parse_config,
-                            resolve_credentials)
+from device.config import dump_config, load_config, parse_config
+from device.credentials import CREDENTIAL_NAMES, resolve_credentials
+from device.systemd import Notifier
 from protocol.errors import ConfigError
 
 GOOD = """\

@@ -95,3 +95,29 @@ def test_a_file_called_camera_is_a_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     samples = list(sources.open_inputs(["camera"]))
     assert [s.name for s in samples] == ["camera"]
+
+
+def test_a_watched_folder_hands_out_each_settled_image_once_and_files_what_is_done(tree):
+    state = tree / "state"
+    w = sources.FolderWatcher([str(tree)], done_dir=state / "done", failed_dir=state / "failed", settle=0.0)
+    first = names(w.scan(), tree)
+    # the same rules as a one-off run over the folder
+    assert first == names(sources.expand_paths([str(tree)]), tree)
+    assert w.scan() == []                                  # in flight: not handed out again
+    w.done(str(tree / "a.png"), ok=True)
+    w.done(str(tree / "sub/z.png"), ok=False)
+    assert (state / "done" / "a.png").is_file() and (state / "failed" / "sub" / "z.png").is_file()
+    assert not (tree / "a.png").exists()
+    # done/ and failed/ inside the watched folder are never read again
+    _png(tree / "new.png")
+    assert names(w.scan(), tree) == ["new.png"]
+
+
+def test_a_watched_image_still_being_written_waits_for_settle(tmp_path):
+    w = sources.FolderWatcher([str(tmp_path)], done_dir=tmp_path / "d", failed_dir=tmp_path / "f", settle=60.0)
+    _png(tmp_path / "fresh.png")
+    assert w.scan() == []
+    old = tmp_path / "old.png"
+    _png(old)
+    os.utime(old, (0, 0))
+    assert w.scan() == [old]
