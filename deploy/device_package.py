@@ -391,7 +391,7 @@ def build_device_package(bundle: str | os.PathLike, out: str | os.PathLike, *, c
     if not url:
         raise UsageError("no broker URL", fix="pass --broker mqtts://host:8883 (or --credentials from "
                                               "`edgesplit broker config`)")
-    from protocol.mqtt import parse_url
+    from protocol.mqtt.url import parse_url
 
     parsed = parse_url(url)
     url_password = parsed.password

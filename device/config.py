@@ -250,7 +250,7 @@ def _cross_problems(values: dict, name, *, file: bool) -> list[str]:
         except EdgesplitError as exc:
             problems.append(f"{name(key)}: {exc.message}")
     try:
-        from protocol.mqtt import parse_url
+        from protocol.mqtt.url import parse_url     # no paho: a config is checked where paho is missing
 
         parsed = parse_url(values["broker_url"])
         if file and parsed.password is not None:
@@ -258,8 +258,6 @@ def _cross_problems(values: dict, name, *, file: bool) -> list[str]:
                             f"put the password in the credentials directory")
     except EdgesplitError as exc:
         problems.append(f"{name('broker_url')}: {exc.message}")
-    except ImportError:   # paho missing: the doctor says so; the URL is checked when it is used
-        pass
     srcs = [str(s) for s in values["sources"] or ()]
     cams = [s for s in srcs if s == "camera" or s.startswith("camera:")]
     for c in cams:

@@ -38,7 +38,7 @@ from device.systemd import Notifier
 # a fixed name: under `python -m device.service` __name__ is "__main__"
 log = logging.getLogger("device.service")
 
-__all__ = ["DeviceService", "serve", "check", "main"]
+__all__ = ["DeviceService", "serve", "check"]
 
 RESULTS_MAX_BYTES = 16 << 20
 
@@ -303,17 +303,18 @@ def serve(path: str | os.PathLike, env: dict | None = None) -> int:
     return DeviceService(_load(path, notifier), notifier=notifier, env=env).run()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     """``python -m device.service [--config FILE] [--check] [-v]``: kept for units installed before
-    ``edgesplit device serve``; the same command, the same messages and exit codes."""
+    ``edgesplit device serve``; it runs that command (same messages, same exit codes)."""
+    import runpy
     import sys
-
-    from edgesplit.cli import main as edgesplit_main
 
     args = list(sys.argv[1:] if argv is None else argv)
     verbose = [a for a in args if a in ("-v", "--verbose")]
-    return edgesplit_main([*verbose, "device", "serve", *[a for a in args if a not in verbose]])
+    # run the command rather than import it: the command sits above the roles, never below them
+    sys.argv = [sys.argv[0], *verbose, "device", "serve", *[a for a in args if a not in verbose]]
+    runpy.run_module("edgesplit", run_name="__main__", alter_sys=True)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()
