@@ -131,7 +131,7 @@ def run_attacks(head: DeployedHead, x_victims, aux: AuxData, *, attacks=None, se
     classes (for the readers ``model`` and ``judge``).  An attack that cannot run on this head
     (e.g. no weights known) is kept with ``skipped`` saying why.
     """
-    from auditor import attacks as registry
+    from auditor.attacks import registry
 
     t0 = time.perf_counter()
     x_victims = np.asarray(x_victims, np.float32)
