@@ -8,7 +8,8 @@ bundle it names (``cloud.registry``), recognised if it re-sends a request
 already seen (``cloud.dedupe``: the tail never runs twice for one request, a
 missed answer is re-published), batched with the frames that arrived with it
 (``cloud.batcher``), run through the tail, and answered on its device's
-results topic with the same request id (QoS 1, never retained).  Anything
+results topic with the same request id (QoS 1, never retained; signed with the device's key
+when the worker holds keys, and withheld, counted, never sent unsigned when it cannot be).  Anything
 wrong with a frame — undecodable, bad or missing MAC, unknown device, replay,
 unknown bundle, wrong shape or dtype, device id not matching its topic — goes
 to the dead-letter topic with the reason and is counted; the worker never
@@ -64,10 +65,12 @@ class WorkerStats:
     received: int = 0
     answered: int = 0
     dead_lettered: int = 0
-    errors: int = 0             # frames answered with an error result (the tail failed)
+    errors: int = 0             # frames answered with an error result (the tail failed), or not answered
+                                # because the answer could not be signed (sign_failures)
     duplicates: int = 0         # re-sent requests recognised and not run again (cloud.dedupe)
     republished: int = 0        # of those, answered again with the stored answer
     refused: int = 0            # arrived after a drain had begun and were not taken
+    sign_failures: int = 0      # answers for a keyed device that could not be signed: withheld, never sent unsigned
     batches: int = 0            # tail invocations
     batched_frames: int = 0     # frames that went through those invocations
     seconds: float = 0.0
@@ -86,6 +89,8 @@ class WorkerStats:
         why = ", ".join(f"{k} {v}" for k, v in self.reasons.most_common()) or "none"
         rate = self.answered / self.seconds if self.seconds > 0 else 0.0
         extra = f", refused while draining {self.refused}" if self.refused else ""
+        if self.sign_failures:
+            extra += f", answers withheld (could not sign) {self.sign_failures}"
         return (f"received {self.received}, answered {self.answered}, dead-lettered {self.dead_lettered} "
                 f"({why}), errors {self.errors}, duplicates {self.duplicates} (re-answered "
                 f"{self.republished}){extra}, batches {self.batches} (mean {self.mean_batch:.1f}), "
@@ -172,6 +177,7 @@ class Worker:
         self._started_at: float | None = None
         self._stats_every = stats_every
         self._stop_stats = threading.Event()
+        self._sign_failure_logged = False
         mqtt_options.setdefault("client_id", f"edgesplit-cloud-{self.name}")
         self.client = MqttClient(broker, **mqtt_options)
         self.batcher = MicroBatcher(self._process, max_batch=max_batch, max_wait_s=max_wait_ms / 1000.0,
@@ -290,20 +296,41 @@ class Worker:
             except FrameError as exc:
                 result = Frame.error_result(frame, f"could not encode the result: {exc.message}",
                                             t_recv_us=item.t_recv_us)
-                self.stats.errors += 1
+                ok = False
             else:
+                ok = True
+            if self._publish_result(reply, result) and ok:
                 self.stats.answered += 1
-            self._publish_result(reply, result)
+            else:
+                self.stats.errors += 1
 
-    def _publish_result(self, topic: str, result: Frame) -> None:
+    def _publish_result(self, topic: str, result: Frame) -> bool:
+        """Publish ``result`` on ``topic``, signed when the worker holds keys; False when it could not be signed.
+
+        A worker with keys only serves devices that sign, and such a device refuses an unsigned
+        answer: sending one would hand an attacker's forgery the same look as ours.  So an answer
+        that cannot be signed (the device's key gone from the key store since its frame was
+        checked, an unusable key) is counted, said once, and withheld; the device re-sends.
+        """
         try:
             payload = encode_frame(result, key=self.keys)
-        except EdgesplitError:
-            payload = encode_frame(result)
+        except EdgesplitError as exc:
+            if self.keys is None:
+                raise
+            self.stats.sign_failures += 1
+            if not self._sign_failure_logged:
+                self._sign_failure_logged = True
+                log.error("worker %s cannot sign its answer to %r (%s); withholding it, never sending it "
+                          "unsigned (further ones are counted as sign_failures, not logged)", self.name,
+                          result.device_id, exc.message)
+            else:
+                log.debug("cannot sign the answer to %r: %s", result.device_id, exc.message)
+            return False
         d = topics.delivery(topics.RESULTS)
         self.client.publish(topic, payload, qos=d.qos, retain=d.retain)
         # kept so that a re-send arriving after this moment gets the same answer again
         self.dedupe.answered(result.device_id, result.request_id, topic, payload)
+        return True
 
     def _dead_letter(self, item: _Item, where: topics.Topic | None, reason: Reason, detail: str) -> None:
         self.stats.dead_lettered += 1

@@ -4,9 +4,11 @@ slowing good traffic down to a stop."""
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -122,6 +124,49 @@ def test_a_resend_is_a_new_signed_frame_not_a_replay(mosquitto_broker, tiny_bund
         assert worker.stats.answered == 1 and worker.stats.republished == 1
     finally:
         pub.stop()
+
+
+class _RevokedAfterEachCheck:
+    """A key store (a KeySource callable) from which the device's key is gone again right after the
+    worker has checked each of its frames, as when an operator revokes a device while its request is
+    being served: the worker then holds an answer it cannot sign."""
+
+    def __init__(self, key: bytes):
+        self.key, self.lookups, self.lock = key, 0, threading.Lock()
+
+    def __call__(self, device_id: str):
+        with self.lock:
+            self.lookups += 1
+            return self.key if self.lookups % 2 else None
+
+
+def test_an_answer_the_worker_cannot_sign_is_counted_and_never_sent_unsigned(mosquitto_broker, tiny_bundle,
+                                                                            start_worker, collect, caplog):
+    b, url = tiny_bundle, mosquitto_broker.url
+    key = signing.generate_key()
+    caplog.set_level(logging.INFO, logger="cloud.worker")
+    worker = start_worker(url, b, group="unsignable", keys=_RevokedAfterEachCheck(key))
+    out = collect(url, topics.results(FLEET, "pi-1"), topics.all_dead_letters(FLEET))
+    pub = MqttClient(url)
+    assert pub.start(wait_connected=10)
+    try:
+        for rid in range(1, 4):              # one at a time: each frame's check, then its answer
+            pub.publish(topics.features(FLEET, "pi-1"), encode_frame(_frame(b, rid, "pi-1", rid), key=key))
+            deadline = time.monotonic() + 30
+            while worker.stats.errors < rid and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert worker.stats.errors == rid, worker.stats.line()
+        time.sleep(0.5)                      # an answer published anyway would have arrived by now
+    finally:
+        pub.stop()
+    assert out.count(topics.results(FLEET, "pi-1")) == 0, "an answer went out although it could not be signed"
+    assert out.count(topics.all_dead_letters(FLEET)) == 0          # the frames were good
+    st = worker.stats
+    assert (st.received, st.answered, st.errors, st.sign_failures) == (3, 0, 3, 3), st.line()
+    assert "answers withheld (could not sign) 3" in st.line()
+    said = [r for r in caplog.records if r.name == "cloud.worker" and "cannot sign" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.ERROR, [r.getMessage() for r in said]
+    assert "'pi-1'" in said[0].getMessage() and "never sending it unsigned" in said[0].getMessage()
 
 
 def test_load_keys_from_a_directory_and_files(tmp_path):
