@@ -8,7 +8,8 @@ what the tail answers, and the sha256 of every file.  Its ``bundle_id`` is
 a hash of its own content, so it changes whenever any file or field does.
 
 This module is the one place the format is defined (docs/bundle.md describes
-it for humans).  It imports no TensorFlow: devices and clouds use it as is.
+it for humans); ``protocol.archive`` reads and writes the ``.tar.gz`` for it.  It
+imports no TensorFlow: devices and clouds use it as is.
 """
 from __future__ import annotations
 
@@ -20,9 +21,7 @@ import math
 import os
 import re
 import shutil
-import tarfile
 import tempfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Iterable, Literal, Optional, Union
@@ -30,7 +29,7 @@ from typing import Annotated, Iterable, Literal, Optional, Union
 import msgspec
 import numpy as np
 
-from protocol import tensors
+from protocol import archive, tensors
 from protocol.errors import BundleError
 
 log = logging.getLogger(__name__)
@@ -377,6 +376,12 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _archive_limits() -> archive.Limits:
+    # read at each call: the bounds above are this module's to set
+    return archive.Limits(_FILE_NAME_RE, MANIFEST_NAME, MAX_MANIFEST_BYTES, MAX_FILE_BYTES, MAX_TOTAL_BYTES,
+                          MAX_MEMBERS)
+
+
 def load_bundle(path: str | os.PathLike, *, extract_to: str | os.PathLike | None = None) -> Bundle:
     """Open a bundle directory or its ``.tar.gz`` and verify every file's sha256.
 
@@ -397,7 +402,7 @@ def load_bundle(path: str | os.PathLike, *, extract_to: str | os.PathLike | None
         else:
             root = Path(extract_to)
             root.mkdir(parents=True, exist_ok=True)
-        _extract_tarball(source, root)
+        archive.extract(source, root, _archive_limits())
     elif source.name == MANIFEST_NAME:
         root = source.parent
     else:
@@ -433,64 +438,6 @@ def load_bundle(path: str | os.PathLike, *, extract_to: str | os.PathLike | None
                     manifest.parity.agreement, manifest.parity.min_agreement)
     log.debug("loaded bundle %s from %s", manifest.bundle_id, source)
     return Bundle(root=root, manifest=manifest, source=source)
-
-
-def _extract_tarball(tar_path: Path, dest: Path) -> None:
-    """Extract the bundle files of ``tar_path`` into ``dest`` without trusting the archive."""
-    broken = f"re-run `edgesplit convert` to rebuild it, or copy {tar_path.name} again"
-    prefix = None
-    total = 0
-    try:
-        with tarfile.open(tar_path, mode="r:gz") as tar:
-            for count, member in enumerate(tar, start=1):
-                if count > MAX_MEMBERS:
-                    raise BundleError(f"{tar_path} holds more than {MAX_MEMBERS} entries; a bundle has a few",
-                                      fix=broken)
-                parts = member.name.split("/")
-                if member.name.startswith("/") or ".." in parts or any(p in ("", ".") for p in parts[:-1]):
-                    raise BundleError(f"{tar_path} contains an unsafe path {member.name!r}", fix=broken)
-                if member.isdir():
-                    continue
-                if not member.isfile():
-                    raise BundleError(f"{tar_path} contains {member.name!r}, which is not a regular file "
-                                      f"(links and devices are refused)", fix=broken)
-                if len(parts) > 2:
-                    raise BundleError(f"{tar_path} contains {member.name!r}, nested deeper than a bundle",
-                                      fix=broken)
-                top = parts[0] if len(parts) == 2 else ""
-                if prefix is None:
-                    prefix = top
-                elif top != prefix:
-                    raise BundleError(f"{tar_path} mixes files from several folders ({prefix!r}, {top!r})",
-                                      fix=broken)
-                name = parts[-1]
-                if not _FILE_NAME_RE.match(name):
-                    raise BundleError(f"{tar_path} contains an unexpected file name {member.name!r}", fix=broken)
-                limit = MAX_MANIFEST_BYTES if name == MANIFEST_NAME else MAX_FILE_BYTES
-                total += member.size
-                if member.size > limit or total > MAX_TOTAL_BYTES:
-                    raise BundleError(f"{tar_path}: {member.name} is too large ({member.size} bytes)", fix=broken)
-                src = tar.extractfile(member)
-                with open(dest / name, "wb") as out:
-                    # copy no more than the header declared, whatever the stream holds
-                    remaining = member.size
-                    while remaining:
-                        chunk = src.read(min(remaining, 1 << 20))
-                        if not chunk:
-                            raise BundleError(f"{tar_path} is truncated inside {member.name}", fix=broken)
-                        out.write(chunk)
-                        remaining -= len(chunk)
-            # Read to the end of the gzip stream so its CRC and length are checked (a cut-off
-            # archive fails here); a few blocks of padding are normal, megabytes are not.
-            trailing = 0
-            while chunk := tar.fileobj.read(1 << 16):
-                trailing += len(chunk)
-                if trailing > 1 << 20:
-                    raise BundleError(f"{tar_path} has unexpected data after its last file", fix=broken)
-    except BundleError:
-        raise
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
-        raise BundleError(f"{tar_path} is truncated or corrupt ({exc})", fix=broken) from None
 
 
 # ------------------------------------------------------------------ writing
@@ -541,17 +488,4 @@ def write_tarball(root: str | os.PathLike, dest: str | os.PathLike | None = None
     root = Path(root)
     manifest = read_manifest(root / MANIFEST_NAME)
     dest = Path(dest) if dest is not None else root.parent / (root.name + ".tar.gz")
-    tmp = dest.with_name("." + dest.name + ".tmp")
-    import gzip  # only the writer needs it
-
-    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz, \
-            tarfile.open(fileobj=gz, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name in sorted([MANIFEST_NAME, *manifest.files]):
-            info = tarfile.TarInfo(f"{root.name}/{name}")
-            info.size = (root / name).stat().st_size
-            info.mode = 0o644
-            info.mtime = 0
-            with open(root / name, "rb") as f:
-                tar.addfile(info, f)
-    os.replace(tmp, dest)
-    return dest
+    return archive.pack(root, [MANIFEST_NAME, *manifest.files], dest)
