@@ -436,26 +436,27 @@ def _usable(train_f, train_y, test_f, test_y, seed) -> dict:
 def _audit_cut(spec, model, model_name, cut, depth, bundle, workdir, x_test, y_test, x_dec, y_dec,
                attack_n, float_accuracy, images, judge) -> CutAudit:
     from auditor import features, invert, metrics, usable
-    from runtime.interpreter import Model
+    from runtime.split import Head, Tail
 
     clock = _Clock()
     log.info("cut %s: bundle", cut.name)
     b = _bundle_for(spec, model, model_name, cut, workdir, bundle)
     clock.lap("bundle")
-    head, tail = Model(b.head_path), Model(b.tail_path)
+    head, tail = Head(b), Tail(b)
     sent = features.sent_features(b, x_test, head=head, progress=spec.progress)
     sent_train = features.sent_features(b, x_dec, head=head, progress=spec.progress)
     flo = features.float_features(model, cut.name, x_test)
     clock.lap("features")
-    probs = tail.run(sent.values)  # the tail takes the dequantized features, as a cloud worker feeds it
+    probs = tail.run(sent.raw)  # the tail takes the tensors as received, as a cloud worker feeds it
     acc_int8 = float((np.asarray(probs).argmax(-1) == y_test).mean())
 
     cost = {"bytes_int8": int(cut.bytes_int8), "bytes_float32": int(cut.bytes_float32),
             "frame_bytes": float(sent.frame_bytes), "head_macs": int(cut.head_macs),
             "tail_macs": int(cut.tail_macs), "head_params": int(cut.head_params),
             "head_size_bytes": features.file_size(b.head_path), "tail_size_bytes": features.file_size(b.tail_path),
-            "head_ms": features.measure_latency_ms(head, x_test[:1], runs=spec.latency_runs),
-            "tail_ms": features.measure_latency_ms(tail, sent.values[:1], runs=spec.latency_runs)}
+            "head_ms": features.measure_latency_ms(head.model, x_test[:1], runs=spec.latency_runs),
+            "tail_ms": features.measure_latency_ms(tail.model, tail.inputs(sent.raw[:1]),
+                                                   runs=spec.latency_runs)}
     clock.lap("cost")
 
     log.info("cut %s: mutual information", cut.name)

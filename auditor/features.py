@@ -1,7 +1,7 @@
 """The tensors the attacker sees: what the device really sends, and the float features beside it.
 
-``sent_features`` runs a bundle's head with the real LiteRT interpreter (``runtime.interpreter``),
-puts every int8 output in a real wire frame (``protocol.frame.encode_frame``), decodes it
+``sent_features`` runs a bundle's head as a device does (``runtime.split.Head``: the real LiteRT
+interpreter, the tensors exactly as sent), puts every one in a real wire frame (``protocol.frame.encode_frame``), decodes it
 as the cloud does (``decode_frame``) and dequantizes it with the manifest's scale and zero
 point (``protocol.tensors.dequantize``).  ``float_features`` is the unquantized Keras
 output of the same layer, for comparison (and for the paper, which used it).
@@ -46,28 +46,21 @@ def sent_features(bundle, x, *, device_id: str = "auditor", head=None, progress:
                   batch_size: int = 256) -> SentFeatures:
     """Run ``bundle``'s head on images ``x`` and pass every output through the wire.
 
-    ``head`` may be a ready ``runtime.interpreter.Model`` of the bundle's head (saves a reload).
+    ``head`` may be a ready ``runtime.split.Head`` of the bundle (saves a reload).
     One frame per image, as a device sends them; each is decoded and dequantized with the
     manifest's feature spec as a cloud worker does.
     """
     from tqdm.auto import tqdm
 
-    from runtime.interpreter import Model
     from protocol.errors import BundleError
     from protocol.frame import Frame, decode_frame, encode_frame
+    from runtime.split import Head
 
     spec = bundle.feature
     cut, shape = bundle.manifest.cut, tuple(int(d) for d in spec.shape)
     scale = float(spec.scale) if spec.quantized else None
     zero_point = int(spec.zero_point) if spec.quantized else None
-    head = head or Model(bundle.head_path)
-    if spec.quantized and (not head.output.quantized
-                           or abs(head.output.scale - scale) > 1e-6 * scale
-                           or head.output.zero_point != zero_point):
-        raise BundleError(f"the manifest says the features are {spec.dtype} with scale {scale}, zero point "
-                          f"{zero_point}, but head.tflite outputs {head.output.dtype} with scale "
-                          f"{head.output.scale}, zero point {head.output.zero_point}",
-                          fix=bundle.manifest.convert_command())
+    head = head or Head(bundle)      # checked against the manifest once, as on a device
     x = np.asarray(x, np.float32)
     n = len(x)
     values = np.empty((n,) + shape, np.float32)
@@ -76,10 +69,10 @@ def sent_features(bundle, x, *, device_id: str = "auditor", head=None, progress:
     t0 = time.perf_counter()
     bar = tqdm(total=n, desc=f"head+wire {cut}", unit="img", disable=not progress, leave=False)
     for s in range(0, n, batch_size):
-        out = head.run(x[s:s + batch_size])
+        out = head.features(x[s:s + batch_size])
         for j, q in enumerate(out):
             i = s + j
-            frame = Frame.features(spec.check(q.reshape(shape)), request_id=i, device_id=device_id,
+            frame = Frame.features(q, request_id=i, device_id=device_id,
                                    bundle_id=bundle.bundle_id, seq=i, scale=scale, zero_point=zero_point)
             payload = encode_frame(frame)
             total_bytes += len(payload)

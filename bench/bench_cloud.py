@@ -35,13 +35,12 @@ E2E = Path(__file__).resolve().parent / "bench_e2e.py"
 
 
 def _frames(bundle, x: np.ndarray, device: str, first_id: int) -> list[bytes]:
-    from device.profile import sent_tensors
-    from runtime.interpreter import Model
     from protocol.frame import Frame, encode_frame
+    from runtime.split import Head
 
-    head = Model(bundle.head_path, num_threads=1)
+    head = Head(bundle, num_threads=1)
     spec = bundle.feature
-    feats = np.concatenate([sent_tensors(head.run(x[s:s + 64]), spec, head) for s in range(0, len(x), 64)])
+    feats = np.concatenate([head.features(x[s:s + 64]) for s in range(0, len(x), 64)])
     return [encode_frame(Frame.features(f, request_id=first_id + i, device_id=device, bundle_id=bundle.bundle_id,
                                         seq=first_id + i, scale=spec.scale, zero_point=spec.zero_point))
             for i, f in enumerate(feats)]

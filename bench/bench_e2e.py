@@ -76,10 +76,10 @@ def role_server(cfg: dict) -> None:
     from PIL import Image
 
     from cloud.batcher import MicroBatcher
-    from runtime.interpreter import Model
     from protocol.frame import Frame, decode_frame, encode_frame, now_us
     from protocol.manifest import load_bundle
     from protocol.mqtt import Backoff, MqttClient
+    from runtime.interpreter import Model
 
     full = Model(cfg["full_model"])
     jb = load_bundle(cfg["json_bundle"])
@@ -188,12 +188,6 @@ def _metered(cfg: dict, cloud: str, fn) -> dict:
     return r
 
 
-def _head_features(model, spec, x: np.ndarray) -> np.ndarray:
-    from device.profile import sent_tensors
-
-    return sent_tensors(model.run(x), spec, model)
-
-
 def _result_frame_bytes(bundle_id: str, out_shape) -> int:
     from protocol.frame import Frame, encode_frame
 
@@ -217,9 +211,9 @@ def _agent_phase(agent, pixels, n):
 
 def _split_variant(v, pixels, cfg) -> dict:
     from device.agent import DeviceAgent
-    from runtime.interpreter import Model
     from protocol.frame import Frame, encode_frame
     from protocol.manifest import load_bundle
+    from runtime.split import Head
 
     b = load_bundle(v["bundle"])
     dev = f"bench-{v['cut']}"
@@ -234,19 +228,19 @@ def _split_variant(v, pixels, cfg) -> dict:
                      client_id=f"bench-{uuid.uuid4().hex[:8]}", **common_kw) as agent:
         list(agent.run_arrays(pixels[:5]))
         out["latency"] = _agent_phase(agent, pixels, v["n_lat"])
-    head = Model(b.head_path, num_threads=1)
+    head = Head(b, num_threads=1)
     spec = b.manifest.feature
     xin = b.manifest.input.pixels_to_input(pixels[:v["n"]])
-    head.run(xin[:32])
+    head.features(xin[:32])
     out["head_only"] = []
     for _ in range(v["repeats"]):
         t0 = time.perf_counter()
         for s in range(0, len(xin), 32):
-            head.run(xin[s:s + 32])
+            head.features(xin[s:s + 32])
         wall = time.perf_counter() - t0
         out["head_only"].append({"throughput": len(xin) / wall, "seconds": wall})
     if v["echo"]:
-        feats = _head_features(head, spec, xin)
+        feats = head.features(xin)
         scale = spec.scale if spec.quantized else None
         zp = spec.zero_point if spec.quantized else None
         payloads = [encode_frame(Frame.features(f, request_id=i, device_id=dev, bundle_id=b.bundle_id, seq=i,
@@ -314,8 +308,8 @@ def _png_variant(v, pixels, cfg) -> dict:
 
 
 def _json_variant(v, pixels, cfg) -> dict:
-    from runtime.interpreter import Model
     from protocol.manifest import load_bundle
+    from runtime.interpreter import Model
 
     b = load_bundle(v["bundle"])
     head = Model(b.head_path, num_threads=1)

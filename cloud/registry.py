@@ -19,7 +19,7 @@ import numpy as np
 from protocol.errors import BundleError, FrameError, Reason
 from protocol.frame import Frame
 from protocol.manifest import Bundle, FeatureSpec, load_bundle
-from runtime.interpreter import Model
+from runtime.split import Tail
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +29,7 @@ class Served:
     """One bundle with its loaded tail."""
 
     bundle: Bundle
-    tail: Model
-    pass_through: bool        # the tail takes the wire tensor as is (same dtype and quantization)
+    tail: Tail
 
     @property
     def bundle_id(self) -> str:
@@ -63,23 +62,9 @@ class Served:
                                  fix="run the head of the same bundle on the device")
         return frame.tensor.reshape(spec.shape)
 
-    def tail_input(self, tensors: list[np.ndarray]) -> np.ndarray:
-        """A batch for the tail from checked feature tensors: as sent, or dequantized to float32."""
-        x = np.stack(tensors)
-        return x if self.pass_through else self.feature.dequantize(x)
-
     def run(self, tensors: list[np.ndarray]) -> np.ndarray:
         """The tail's float32 output for a batch of checked feature tensors (one row per tensor)."""
-        return self.tail.run_float(self.tail_input(tensors))
-
-
-def _pass_through(spec: FeatureSpec, tail: Model) -> bool:
-    t = tail.input
-    if np.dtype(spec.dtype) != t.dtype:
-        return False
-    if not spec.quantized:
-        return True
-    return math.isclose(t.scale, spec.scale, rel_tol=1e-6) and t.zero_point == spec.zero_point
+        return self.tail.run(np.stack(tensors))
 
 
 class Registry:
@@ -104,12 +89,9 @@ class Registry:
         if bundle.bundle_id in self._served:
             log.warning("bundle %s given twice (%s); serving it once", bundle.bundle_id, bundle.source)
             return self._served[bundle.bundle_id]
-        tail = Model(bundle.tail_path, num_threads=self._num_threads, backend=self._backend)
+        tail = Tail(bundle, num_threads=self._num_threads, backend=self._backend)  # checked against the manifest
         spec = bundle.manifest.feature
-        if tuple(tail.input.shape[1:]) != tuple(spec.shape):
-            raise BundleError(f"bundle {bundle.bundle_id}: tail.tflite takes {list(tail.input.shape[1:])} but the "
-                              f"manifest's feature is {list(spec.shape)}", fix="re-run `edgesplit convert`")
-        served = Served(bundle, tail, _pass_through(spec, tail))
+        served = Served(bundle, tail)
         self._served[bundle.bundle_id] = served
         log.info("serving bundle %s (%s cut at %s, %s): feature %s %s, tail on %s", bundle.bundle_id,
                  bundle.manifest.model, bundle.manifest.cut, bundle.manifest.quant, spec.dtype,

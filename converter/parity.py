@@ -1,14 +1,13 @@
 """Parity: does the bundle's real TFLite head + tail agree with the Keras model?
 
-The head and tail are run through a LiteRT interpreter exactly as a device and
-a cloud worker would: preprocessed float32 images in, the head's tensor as
+The head and tail are run with ``runtime.split`` exactly as a device and a
+cloud worker run them: preprocessed float32 images in, the head's tensor as
 sent (int8 for ``int8`` bundles), dequantized with the manifest's
 parameters through ``protocol``, into the tail.  Top-1 labels are compared
 with the Keras model's on held-out test images.
 """
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import time
 from dataclasses import dataclass
@@ -16,74 +15,34 @@ from dataclasses import dataclass
 import numpy as np
 
 from protocol.manifest import Bundle, Parity
+from runtime.split import Head, Tail
 
 log = logging.getLogger(__name__)
 
 
-def interpreter_name() -> str:
-    try:
-        return f"ai-edge-litert {importlib.metadata.version('ai-edge-litert')}"
-    except importlib.metadata.PackageNotFoundError:
-        return "ai-edge-litert (version unknown)"
-
-
-class _Batched:
-    """One LiteRT interpreter whose batch size is resized to the data (batch 1 if the model refuses)."""
-
-    def __init__(self, path, num_threads: int | None = None):
-        from ai_edge_litert.interpreter import Interpreter
-
-        from converter.quantize import quiet_native_output
-
-        with quiet_native_output():  # LiteRT announces its XNNPACK delegate on stderr
-            self.it = Interpreter(model_path=str(path), num_threads=num_threads)
-            self.it.allocate_tensors()
-        self.inp = self.it.get_input_details()[0]
-        self.out = self.it.get_output_details()[0]
-        self.batch = 1
-        self.can_batch = True
-
-    def _resize(self, n: int) -> None:
-        if n == self.batch:
-            return
-        shape = [n, *self.inp["shape"][1:]]
-        try:
-            self.it.resize_tensor_input(self.inp["index"], shape, strict=False)
-            self.it.allocate_tensors()
-            self.batch = n
-        except (RuntimeError, ValueError) as exc:
-            log.debug("cannot batch %s (%s); running one image at a time", self.inp["name"], exc)
-            self.can_batch = False
-            self.it.resize_tensor_input(self.inp["index"], [1, *self.inp["shape"][1:]], strict=False)
-            self.it.allocate_tensors()
-            self.batch = 1
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=self.inp["dtype"])
-        if self.can_batch:
-            self._resize(len(x))
-        if self.batch != len(x):
-            return np.concatenate([self(x[i:i + 1]) for i in range(len(x))])
-        self.it.set_tensor(self.inp["index"], x)
-        self.it.invoke()
-        return self.it.get_tensor(self.out["index"]).copy()
-
-
 class SplitRunner:
-    """Run a bundle's head and tail like a device and a cloud would (batched for speed)."""
+    """Run a bundle's head and tail as a device and a cloud would (``runtime.split``, batched for speed)."""
 
     def __init__(self, bundle: Bundle, num_threads: int | None = None):
+        from converter.quantize import quiet_native_output
+
         self.bundle = bundle
-        self._head = _Batched(bundle.head_path, num_threads)
-        self._tail = _Batched(bundle.tail_path, num_threads)
+        with quiet_native_output():  # LiteRT announces its XNNPACK delegate on stderr
+            self._head = Head(bundle, num_threads=num_threads)
+            self._tail = Tail(bundle, num_threads=num_threads)
+
+    @property
+    def interpreter(self) -> str:
+        """The interpreter parity ran on, e.g. ``ai-edge-litert 1.2.0``."""
+        return self._head.backend.describe()
 
     def head(self, x: np.ndarray) -> np.ndarray:
         """Float32 images (N, H, W, C) -> features as sent."""
-        return self.bundle.feature.check(self._head(x))
+        return self._head.features(x)
 
     def tail(self, features: np.ndarray) -> np.ndarray:
-        """Features as sent -> outputs; dequantized with the manifest's scale/zero point first."""
-        return self._tail(self.bundle.feature.dequantize(features))
+        """Features as sent -> outputs (dequantized with the manifest's scale/zero point when the tail wants it)."""
+        return self._tail.run(features)
 
     def predict(self, x: np.ndarray, batch: int = 250, progress=None) -> np.ndarray:
         outs = []
@@ -157,7 +116,7 @@ def run_parity(bundle: Bundle, model, x: np.ndarray, y: np.ndarray | None = None
         accuracy = float(np.mean(split_pred == y))
         keras_accuracy = float(np.mean(keras_pred == y))
     result = ParityResult(n=len(x), agreement=agreement, accuracy=accuracy, keras_accuracy=keras_accuracy,
-                          min_agreement=min_agreement, source=source, interpreter=interpreter_name(),
+                          min_agreement=min_agreement, source=source, interpreter=runner.interpreter,
                           seconds=time.perf_counter() - t0)
     log.debug("parity: %s in %.2f s", result.summary(), result.seconds)
     return result

@@ -46,12 +46,12 @@ import numpy as np
 from device.outbox import OutboxEntry, OutboxFull, SqliteOutbox
 from device import sources
 from protocol import topics
-from protocol.errors import BundleError, ConfigError, FrameError, UsageError
+from protocol.errors import ConfigError, FrameError, UsageError
 from protocol.frame import RESULT, Frame, decode_frame, encode_frame, now_us
 from protocol.manifest import Bundle, load_bundle
 from protocol.mqtt import MqttClient, Will, read_password_file
-from runtime.interpreter import Model
 from runtime.preprocess import Preprocessor
+from runtime.split import Head
 
 log = logging.getLogger(__name__)
 
@@ -217,9 +217,8 @@ class DeviceAgent:
         self.fleet = topics.check_id(fleet, "fleet id")
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.manifest = self.bundle.manifest
-        self.model = Model(self.bundle.head_path, num_threads=num_threads, backend=interpreter)
+        self.head = Head(self.bundle, num_threads=num_threads, backend=interpreter)  # checked against the manifest
         self.preprocessor = Preprocessor(self.manifest.input)
-        self._check_head()
         self.max_in_flight = int(max_in_flight)
         self.batch_size = min(int(batch_size), self.max_in_flight)
         self.timeout = timeout
@@ -238,7 +237,7 @@ class DeviceAgent:
             self.outbox = SqliteOutbox(outbox, device_id=self.device_id)
 
         self.stats = AgentStats(device_id=self.device_id, bundle_id=self.bundle.bundle_id,
-                                interpreter=f"{self.model.backend.name} {self.model.backend.version}")
+                                interpreter=f"{self.head.backend.name} {self.head.backend.version}")
         self._queue: queue.Queue = queue.Queue()
         self._pending: dict[int, _Pending] = {}
         self._answered_recent: dict[int, None] = {}     # bounded memory of answered ids, for duplicates
@@ -256,35 +255,6 @@ class DeviceAgent:
             will=Will(self.status_topic, topics.STATUS_OFFLINE.encode(), qos=1, retain=True),
             on_online=self._on_online, on_fatal=self._on_fatal)
         self.client.subscribe(self.results_topic, self._on_message, qos=topics.delivery(topics.RESULTS).qos)
-
-    # ------------------------------------------------------------- set-up checks
-    def _check_head(self) -> None:
-        spec, feat = self.manifest.input, self.manifest.feature
-        if tuple(self.model.sample_shape) != tuple(spec.shape):
-            raise BundleError(f"head.tflite takes input {list(self.model.sample_shape)} but the manifest says "
-                              f"{list(spec.shape)}", fix="rebuild the bundle with `edgesplit convert`")
-        out = self.model.output
-        if int(np.prod(out.shape[1:])) != feat.elements:
-            raise BundleError(f"head.tflite outputs {list(out.shape[1:])} but the manifest's feature is "
-                              f"{list(feat.shape)}", fix="rebuild the bundle with `edgesplit convert`")
-        if feat.quantized and out.quantized and (out.dtype.name != feat.dtype
-                                                 or abs(out.scale - feat.scale) > 1e-6 * feat.scale
-                                                 or out.zero_point != feat.zero_point):
-            raise BundleError(f"head.tflite's output quantization ({out.dtype.name}, scale {out.scale}, zero point "
-                              f"{out.zero_point}) differs from the manifest's ({feat.dtype}, {feat.scale}, "
-                              f"{feat.zero_point})", fix="rebuild the bundle with `edgesplit convert`")
-
-    def _features(self, y: np.ndarray) -> np.ndarray:
-        """Head output batch -> feature tensors exactly as the manifest's feature spec says."""
-        feat = self.manifest.feature
-        y = y.reshape((y.shape[0],) + tuple(feat.shape))
-        if y.dtype == np.dtype(feat.dtype):
-            return y
-        if feat.quantized:
-            if self.model.output.quantized:     # an integer of another width: go through floats
-                y = self.model.output.scale * (y.astype(np.float32) - self.model.output.zero_point)
-            return feat.quantize(y)
-        return y.astype(feat.dtype)
 
     # ------------------------------------------------------------- MQTT callbacks (network thread)
     def _on_online(self) -> None:
@@ -393,9 +363,8 @@ class DeviceAgent:
     def _submit_batch(self, names: Sequence[str], x: np.ndarray) -> list[DeviceResult]:
         """Run the head on a batch and publish one frame per input.  Returns immediate failures."""
         t0 = time.monotonic()
-        y = self.model.run(x)
+        feats = self.head.features(x)
         head_s = (time.monotonic() - t0) / max(1, len(x))
-        feats = self._features(y)
         feat = self.manifest.feature
         scale = feat.scale if feat.quantized else None
         zp = feat.zero_point if feat.quantized else None

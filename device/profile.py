@@ -269,8 +269,9 @@ def profile(bundles: Iterable[str | os.PathLike], *, runs: int = 200, warmup: in
     """
     from protocol.frame import Frame, encode_frame, header_size
     from protocol.manifest import load_bundle
-    from runtime.interpreter import Model, pick_backend
+    from runtime.interpreter import pick_backend
     from runtime.preprocess import Preprocessor
+    from runtime.split import Head, Tail
 
     bundles = list(bundles)
     if not bundles:
@@ -293,7 +294,7 @@ def profile(bundles: Iterable[str | os.PathLike], *, runs: int = 200, warmup: in
         pre = Preprocessor(m.input)
         x, inputs_desc = _inputs_array(inputs, pre)
         sample = x[:1] if x is not None else _random_input(m.input.shape, pre.value_range, rng)
-        head = Model(b.head_path, num_threads=threads, backend=backend)
+        head = Head(b, num_threads=threads, backend=backend)
         spec = m.feature
         scale = spec.scale if spec.quantized else None
         zp = spec.zero_point if spec.quantized else None
@@ -302,11 +303,11 @@ def profile(bundles: Iterable[str | os.PathLike], *, runs: int = 200, warmup: in
             return Frame.features(t, request_id=i, device_id=_DEVICE_ID, bundle_id=b.bundle_id, seq=i, scale=scale,
                                   zero_point=zp)
 
-        y = sent_tensors(head.run(sample), spec, head)[0]
+        y = head.features(sample)[0]
         raw = len(encode_frame(frame_of(y), compress="raw"))
         wire = None
         if x is not None:
-            feats = sent_tensors(head.run(x), spec, head)
+            feats = head.features(x)
             wire = float(np.mean([len(encode_frame(frame_of(f, i))) for i, f in enumerate(feats)]))
         probs = np.zeros(tuple(m.output.shape), np.float32)
         result_bytes = len(encode_frame(Frame.result(frame_of(y), probs, t_recv_us=1, t_done_us=2, label=0)))
@@ -316,10 +317,10 @@ def profile(bundles: Iterable[str | os.PathLike], *, runs: int = 200, warmup: in
                         result_bytes=result_bytes, head_size_bytes=os.path.getsize(b.head_path),
                         tail_size_bytes=os.path.getsize(b.tail_path))
         if part in ("head", "both"):
-            cp.head_ms = latency_stats(time_model(head, sample, runs, warmup))
+            cp.head_ms = latency_stats(time_model(head.model, sample, runs, warmup))
         if part in ("tail", "both"):
-            tail = Model(b.tail_path, num_threads=threads, backend=backend)
-            cp.tail_ms = latency_stats(time_model(tail, spec.dequantize(y)[None], runs, warmup))
+            tail = Tail(b, num_threads=threads, backend=backend)
+            cp.tail_ms = latency_stats(time_model(tail.model, tail.inputs(y[None]), runs, warmup))
         log.info("profiled %s cut %s (%s)", m.model, m.cut, m.quant)
         out.append(cp)
         if not input_info:
@@ -330,17 +331,6 @@ def profile(bundles: Iterable[str | os.PathLike], *, runs: int = 200, warmup: in
     return DeviceProfile(machine=machine_info(), interpreter=backend.to_dict(), threads=threads, runs=runs,
                          warmup=warmup, part=part, inputs=inputs_desc, cuts=out, input=input_info,
                          created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), seconds=time.perf_counter() - t_start)
-
-
-def sent_tensors(y: np.ndarray, spec, head) -> np.ndarray:
-    """A head's output batch -> the feature tensors sent, shaped and typed as the manifest's ``spec`` says
-    (what the agent does before it frames them)."""
-    y = y.reshape((y.shape[0],) + tuple(spec.shape))
-    if y.dtype == np.dtype(spec.dtype):
-        return y
-    if spec.quantized and head.output.quantized:
-        y = head.output.scale * (y.astype(np.float32) - head.output.zero_point)
-    return spec.quantize(y)
 
 
 def run(bundles, *, out: str | os.PathLike | None = "edgesplit-profile.json", **options) -> DeviceProfile:

@@ -1,8 +1,9 @@
-"""The TFLite/LiteRT interpreter shim shared by the device and the cloud.
+"""The TFLite/LiteRT interpreter shim every role runs models with.
 
-Role-neutral on purpose: ``cloud/`` imports it too.  It never imports
-TensorFlow unless neither LiteRT interpreter is installed (a Raspberry Pi has
-no TensorFlow; a workstation might have nothing else).  Order of preference:
+Role-neutral on purpose: the device, the cloud, the converter and the auditor
+run their models with it.  It never imports TensorFlow unless neither LiteRT
+interpreter is installed (a Raspberry Pi has no TensorFlow; a workstation might
+have nothing else).  Order of preference:
 
 1. ``ai_edge_litert.interpreter`` — the maintained LiteRT wheel (pip ``ai-edge-litert``);
 2. ``tflite_runtime.interpreter`` — the older standalone wheel, still the only
@@ -13,7 +14,9 @@ no TensorFlow; a workstation might have nothing else).  Order of preference:
 
 :func:`pick_backend` says which one was picked (logged once, and
 ``Backend.name``); :class:`Model` wraps one ``.tflite`` file: tensor details,
-quantization, and ``run(x)`` on a batch of any size.
+quantization, and ``run(x)`` on a batch of any size.  Float input to an integer
+model is quantized with ``protocol.tensors``, the project's one quantizer.
+:mod:`runtime.split` builds a bundle's head and tail on it.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from protocol import tensors
 from protocol.errors import ConfigError, UsageError
 
 log = logging.getLogger(__name__)
@@ -50,9 +54,14 @@ class Backend:
     module: str          # the module the Interpreter class came from
     version: str         # the distribution's version, "unknown" when it does not say
     interpreter_class: Any = dataclasses.field(repr=False, compare=False)
+    package: str = ""    # the pip distribution, e.g. "ai-edge-litert"
 
     def to_dict(self) -> dict:
         return {"name": self.name, "module": self.module, "version": self.version}
+
+    def describe(self) -> str:
+        """``"ai-edge-litert 1.2.0"``: the distribution and its version."""
+        return f"{self.package or self.name} {self.version}"
 
 
 _picked: dict[str | None, Backend] = {}
@@ -80,7 +89,8 @@ def _load(name: str, module: str, package: str) -> Backend:
         cls = tf.lite.Interpreter
     else:
         cls = importlib.import_module(module).Interpreter
-    return Backend(name=name, module=module, version=_dist_version(package), interpreter_class=cls)
+    return Backend(name=name, module=module, version=_dist_version(package), interpreter_class=cls,
+                   package=package)
 
 
 def pick_backend(prefer: str | None = None) -> Backend:
@@ -138,19 +148,6 @@ class TensorInfo:
     def to_dict(self) -> dict:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype.name,
                 "scale": self.scale, "zero_point": self.zero_point}
-
-
-def quantize(x: np.ndarray, scale: float, zero_point: int, dtype) -> np.ndarray:
-    """Affine quantization as TFLite does it: round(x / scale) + zero_point, clipped."""
-    dtype = np.dtype(dtype)
-    info = np.iinfo(dtype)
-    q = np.round(np.asarray(x, dtype=np.float32) / np.float32(scale)) + zero_point
-    return np.clip(q, info.min, info.max).astype(dtype)
-
-
-def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
-    """(q - zero_point) * scale as float32."""
-    return ((np.asarray(q).astype(np.int32) - zero_point) * np.float32(scale)).astype(np.float32)
 
 
 class Model:
@@ -224,7 +221,7 @@ class Model:
             return np.ascontiguousarray(x)
         if np.issubdtype(x.dtype, np.floating):
             if want.quantized:
-                return quantize(x, want.scale, want.zero_point, want.dtype)
+                return tensors.quantize(x, want.scale, want.zero_point, want.dtype.name)
             return np.ascontiguousarray(x, dtype=want.dtype)
         raise UsageError(f"input dtype {x.dtype} does not match the model input dtype {want.dtype}",
                          fix="pass float32 values (quantized automatically) or the model's own dtype")
@@ -279,5 +276,5 @@ class Model:
         """Like :meth:`run`, but the output is dequantized to float32 when the model's output is quantized."""
         y = self.run(x)
         if self.output.quantized:
-            return dequantize(y, self.output.scale, self.output.zero_point)
+            return tensors.dequantize(y, self.output.scale, self.output.zero_point)
         return y.astype(np.float32, copy=False)
