@@ -33,7 +33,12 @@ def quantize(x: np.ndarray, scale: float, zero_point: int, dtype: str = "int8") 
         raise ValueError(f"quantize: scale must be > 0, got {scale!r}")
     lo, hi = INT_RANGES[dtype]
     v = np.asarray(x, dtype=np.float32) / np.float32(scale)
-    # TFLite rounds half away from zero (std::round); numpy's round is half to even.
+    # Half away from zero, as TFLite's reference QUANTIZE kernel (std::round); numpy's round is
+    # half to even, and so are the optimized kernels the interpreters run by default (seen with
+    # ai-edge-litert and tensorflow.lite on x86-64): a value exactly between two steps may differ
+    # by one step from what an interpreter computes.  The heads edgesplit makes quantize inside
+    # the interpreter (runtime.split.Head returns their output untouched), so no tensor a device
+    # sends comes from here.
     r = np.sign(v) * np.floor(np.abs(v) + np.float32(0.5))
     return np.clip(r + zero_point, lo, hi).astype(dtype)
 
