@@ -6,6 +6,7 @@ without Pillow:
 
 * :class:`Model`, :func:`pick_backend` (``runtime.interpreter``) — the LiteRT interpreter shim
 * :class:`Preprocessor` (``runtime.preprocess``) — images to the head's input, as the manifest says
+* :class:`Head`, :class:`Tail` (``runtime.split``) — input -> the tensors exactly as sent; wire tensors -> answer
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ _PUBLIC = {
     "Model": "runtime.interpreter",
     "pick_backend": "runtime.interpreter",
     "Preprocessor": "runtime.preprocess",
+    "Head": "runtime.split",
+    "Tail": "runtime.split",
 }
 
 __all__ = sorted(_PUBLIC)
