@@ -15,25 +15,27 @@ def from_bundle(bundle, model, *, depth: float = 0.0, head_runtime=None, tail_ru
     """The head of ``bundle`` as deployed: LiteRT head -> wire frame -> dequantized (``auditor.features``).
 
     ``model`` is the Keras model the bundle was cut from: it gives the white-box head, the tail the
-    cloud runs and the architecture.  ``head_runtime`` / ``tail_runtime`` may be ready interpreters.
+    cloud runs and the architecture.  ``head_runtime`` / ``tail_runtime`` may be a ready
+    ``runtime.split.Head`` / ``Tail`` of the bundle.
     """
     import keras
 
     from auditor import features
     from converter.split import split_model
-    from runtime.interpreter import Model
+    from runtime.split import Head, Tail
 
     cut = bundle.manifest.cut
     split = split_model(model, cut)
-    head_rt = head_runtime or Model(bundle.head_path)
-    tail_rt = tail_runtime or Model(bundle.tail_path)
+    head_rt = head_runtime or Head(bundle)
+    tail_rt = tail_runtime or Tail(bundle)
     pre = bundle.manifest.input.preprocess
 
     def send(x):
         return features.sent_features(bundle, x, head=head_rt).values
 
     def tail(sent):
-        return np.asarray(tail_rt.run(np.asarray(sent, np.float32)))
+        # float features (dequantized, or made by an attack): the tail's own interpreter, as after dequantizing
+        return np.asarray(tail_rt.model.run(np.asarray(sent, np.float32)))
 
     return DeployedHead(cut=cut, input_shape=tuple(int(d) for d in split.head.input_shape[1:]),
                         feature_shape=tuple(int(d) for d in bundle.feature.shape), send=send,
