@@ -590,6 +590,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=_log_format(args),
                         stream=sys.stderr)
     from protocol.errors import EdgesplitError
+    from runtime.quiet import quiet_libraries
+
+    quiet_libraries(verbose=args.verbose)
 
     try:
         return int(args.func(args) or 0)

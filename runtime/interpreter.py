@@ -32,6 +32,7 @@ import numpy as np
 
 from protocol import tensors
 from protocol.errors import ConfigError, UsageError
+from runtime.quiet import quiet_native_stderr
 
 log = logging.getLogger(__name__)
 
@@ -170,11 +171,12 @@ class Model:
             raise UsageError(f"model file {self.path} does not exist", fix="check the bundle path")
         kwargs: dict[str, Any] = {"num_threads": num_threads} if num_threads else {}
         try:
-            if self.path is not None:
-                self.interpreter = self.backend.interpreter_class(model_path=str(self.path), **kwargs)
-            else:
-                self.interpreter = self.backend.interpreter_class(model_content=content, **kwargs)
-            self.interpreter.allocate_tensors()
+            with quiet_native_stderr():  # LiteRT announces its XNNPACK delegate on the first allocation
+                if self.path is not None:
+                    self.interpreter = self.backend.interpreter_class(model_path=str(self.path), **kwargs)
+                else:
+                    self.interpreter = self.backend.interpreter_class(model_content=content, **kwargs)
+                self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise UsageError(f"cannot load TFLite model {self.path or '<bytes>'}: {exc}",
                              fix="re-create the bundle with `edgesplit convert`") from exc
