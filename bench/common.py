@@ -325,6 +325,9 @@ def parse_args(description: str, add: Callable[[argparse.ArgumentParser], None] 
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from runtime.quiet import quiet_libraries
+
+    quiet_libraries(verbose=args.verbose)  # the tables, not TensorFlow's notices
     if args.repeats is None:
         args.repeats = 3 if args.quick else 5
     return args

@@ -17,11 +17,6 @@ import sys
 log = logging.getLogger("edgesplit")
 
 
-def _quiet_tensorflow() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "2")
-
-
 # --------------------------------------------------------------------- verbs
 # Each verb: an ``add_<verb>(subparsers)`` that registers its parser and sets
 # ``func`` to a ``run_<verb>(args) -> int`` calling into the owning role.
@@ -35,7 +30,6 @@ def add_train(sub):
 
 
 def run_train(args) -> int:
-    _quiet_tensorflow()
     from converter import zoo
 
     result = zoo.train(args.model, epochs=args.epochs, force=args.force)
@@ -51,7 +45,6 @@ def add_cuts(sub):
 
 
 def run_cuts(args) -> int:
-    _quiet_tensorflow()
     from converter import cuts, zoo
 
     model = zoo.load_model(args.model)
@@ -80,7 +73,6 @@ def add_convert(sub):
 
 
 def run_convert(args) -> int:
-    _quiet_tensorflow()
     from converter import bundle
 
     result = bundle.convert(args.model, cut=args.cut, quant=args.quant, calibration=args.calibration,
@@ -103,7 +95,6 @@ def add_demo(sub):
 
 
 def run_demo(args) -> int:
-    _quiet_tensorflow()
     from deploy import demo
 
     result = demo.run_demo(model=args.model, cut=args.cut, quant=args.quant, n=args.n, broker=args.broker,
@@ -378,7 +369,6 @@ def add_audit(sub):
 
 
 def run_audit(args) -> int:
-    _quiet_tensorflow()
     from auditor.audit import audit
 
     result = audit(args.target, cuts=args.cuts, n=args.n, preset=args.preset, seed=args.seed, out=args.out,
@@ -592,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     from protocol.errors import EdgesplitError
     from runtime.quiet import quiet_libraries
 
+    # before any role loads TensorFlow or a LiteRT interpreter (the roles import them lazily)
     quiet_libraries(verbose=args.verbose)
 
     try:
