@@ -20,15 +20,18 @@ import uuid
 
 import pytest
 
-from deploy.broker import mosquitto_binary, start_embedded, start_mosquitto
-
-_NO_MOSQUITTO = ("the mosquitto binary is not installed (looked on PATH and in /usr/sbin): "
-                 "sudo apt-get install mosquitto — .ci/run installs it")
+from deploy.broker import start_embedded, start_mosquitto
+from fixtures_core import require
 
 
 def _need_mosquitto():
-    if mosquitto_binary() is None:
-        pytest.skip(_NO_MOSQUITTO)
+    require("mosquitto")
+
+
+@pytest.fixture
+def mosquitto_path() -> str:
+    """The mosquitto binary (a test using it skips without one, or fails under CI)."""
+    return require("mosquitto")
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ artefacts (three .tflite files and a converted bundle), built once per machine b
 test process needs no TensorFlow when they are cached.  Tests and helpers that
 need them outside a fixture call :func:`tiny_models`.
 
-Also here: :func:`blocked_env` (a Python where importing TensorFlow raises, as on
-a Pi), ``paper_pool2_cli`` (the paper model's pool2 bundle, converted once per run),
+Also here: :func:`blocked_env` and :func:`run_blocked` (a Python where importing TensorFlow
+raises, as on a Pi), ``paper_pool2_cli`` (the paper model's pool2 bundle, converted once per run),
 ``one_wheel_build`` (device packages reuse one wheel per run) and :func:`unit_keys`.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -180,12 +181,20 @@ def blocked_env(folder: Path, block: str = "tensorflow,keras", **extra) -> dict:
     return env
 
 
+def run_blocked(folder: Path, code: str, *, block: str = "tensorflow,keras", env_extra=None, args=()):
+    """Run ``code`` (dedented) in a fresh Python where importing any of ``block`` raises (see :data:`BLOCKER`)."""
+    env = blocked_env(folder, block, **(env_extra or {}))
+    prog = "import _block_tf\n" + textwrap.dedent(code)
+    return subprocess.run([sys.executable, "-c", prog, *args], cwd=folder, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
 @pytest.fixture(scope="session")
 def mnist():
     """MNIST: converter.datasets.Mnist (60k train, 10k test, float32 (N,28,28,1) in [0,1])."""
-    from converter.datasets import load_mnist
+    from fixtures_core import require
 
-    return load_mnist()
+    return require("mnist")
 
 
 @pytest.fixture(scope="session")

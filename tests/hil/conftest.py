@@ -159,10 +159,10 @@ def hil_images(hil_bundle, tmp_path_factory) -> HilImages:
 @pytest.fixture(scope="session")
 def hil_broker(tmp_path_factory):
     """A real Mosquitto on 127.0.0.1 for the whole HIL session (devices reach it through a relay)."""
-    from deploy.broker import mosquitto_binary, start_mosquitto
+    from deploy.broker import start_mosquitto
+    from fixtures_core import require
 
-    if mosquitto_binary() is None:
-        pytest.skip("the mosquitto binary is not installed: apt-get install mosquitto")
+    require("mosquitto")
     b = start_mosquitto("127.0.0.1", workdir=tmp_path_factory.mktemp("hil-mosquitto"))
     yield b
     b.cleanup()

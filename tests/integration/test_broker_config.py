@@ -7,7 +7,6 @@ are refused; TLS with the generated CA works; the broker has no plain-TCP port.
 from __future__ import annotations
 
 import os
-import shutil
 import ssl
 import stat
 import subprocess
@@ -23,12 +22,11 @@ from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
 from deploy.broker import free_port  # noqa: E402
 from deploy.broker_config import device_ids, hash_password, verify_password, write_broker_config  # noqa: E402
+from fixtures_core import require  # noqa: E402
 from protocol import topics  # noqa: E402
 from protocol.errors import TopicError, UsageError  # noqa: E402
 
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
-needs_mosquitto = pytest.mark.skipif(not os.path.exists(MOSQUITTO), reason="mosquitto is not installed")
+needs_mosquitto = pytest.mark.usefixtures("mosquitto_path")
 pytestmark = pytest.mark.timeout(120)
 
 FLEET = "f1"
@@ -122,10 +120,9 @@ def _settle(clients, expected: int, timeout=5.0):
 # ----------------------------------------------------------------- passwords
 
 def test_password_file_format_matches_mosquitto_passwd(tmp_path):
-    if not os.path.exists(MOSQUITTO_PASSWD):
-        pytest.skip("mosquitto_passwd is not installed")
+    mosquitto_passwd = require("mosquitto_passwd")
     pw_file = tmp_path / "pw"
-    subprocess.run([MOSQUITTO_PASSWD, "-c", "-b", str(pw_file), "alice", "s3cret-pass"], check=True)
+    subprocess.run([mosquitto_passwd, "-c", "-b", str(pw_file), "alice", "s3cret-pass"], check=True)
     stored = pw_file.read_text().strip().split(":", 1)[1]
     assert verify_password("s3cret-pass", stored)
     assert not verify_password("s3cret-Pass", stored)

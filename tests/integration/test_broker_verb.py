@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from deploy.broker import free_port, mosquitto_binary, port_accepts
+from deploy.broker import free_port, port_accepts
+from fixtures_core import require
 from protocol.mqtt import Backoff, MqttClient
 
 pytestmark = pytest.mark.timeout(90)
@@ -47,8 +48,8 @@ def _wait_port(port, proc, timeout=20):
 
 @pytest.mark.parametrize("kind", ["embedded", "mosquitto"])
 def test_broker_verb_loopback_shared_subscriptions_and_clean_exit(kind, tmp_path):
-    if kind == "mosquitto" and mosquitto_binary() is None:
-        pytest.skip("the mosquitto binary is not installed: sudo apt-get install mosquitto")
+    if kind == "mosquitto":
+        require("mosquitto")
     port = free_port()
     proc = _run_verb("--port", str(port), *(["--mosquitto"] if kind == "mosquitto" else []), tmp_path=tmp_path)
     try:
@@ -113,8 +114,7 @@ def test_busy_port_is_a_clear_usage_error(embedded_broker, tmp_path):
 
 
 def test_mosquitto_with_a_given_config(tmp_path):
-    if mosquitto_binary() is None:
-        pytest.skip("the mosquitto binary is not installed: sudo apt-get install mosquitto")
+    require("mosquitto")
     port = free_port()
     conf = tmp_path / "conf" / "mosquitto.conf"
     conf.parent.mkdir()
@@ -143,8 +143,7 @@ def _cli(*args, timeout=60):
 
 
 def test_broker_config_then_run_it_with_tls(open_dir, tmp_path):
-    if mosquitto_binary() is None:
-        pytest.skip("the mosquitto binary is not installed: sudo apt-get install mosquitto")
+    require("mosquitto")
     import json
     import re
 
@@ -198,8 +197,7 @@ def test_bad_broker_combinations_are_usage_errors(args, message, tmp_path):
 
 
 def test_config_port_must_match_the_configuration(tmp_path):
-    if mosquitto_binary() is None:
-        pytest.skip("the mosquitto binary is not installed: sudo apt-get install mosquitto")
+    require("mosquitto")
     conf = tmp_path / "mosquitto.conf"
     conf.write_text("listener 18999 127.0.0.1\nallow_anonymous true\n")
     done = _cli("broker", "--mosquitto", "--config", conf, "--port", 1884)

@@ -9,8 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-keras = pytest.importorskip("keras")
-from ai_edge_litert.interpreter import Interpreter  # noqa: E402
+from fixtures_core import require
+
+require("tensorflow")
+Interpreter = require("litert").Interpreter
+import keras  # noqa: E402
 
 from converter import bundle, datasets  # noqa: E402
 from protocol import manifest as mf  # noqa: E402

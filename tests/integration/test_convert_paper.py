@@ -11,8 +11,10 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-keras = pytest.importorskip("keras")
-from ai_edge_litert.interpreter import Interpreter  # noqa: E402
+from fixtures_core import require  # noqa: E402
+
+require("tensorflow")
+Interpreter = require("litert").Interpreter
 
 from converter import bundle, cuts  # noqa: E402
 from protocol import manifest as mf  # noqa: E402

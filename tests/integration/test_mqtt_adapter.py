@@ -13,6 +13,7 @@ import time
 import pytest
 
 from deploy.broker import free_port, start_mosquitto
+from fixtures_core import require
 from protocol.errors import ConfigError
 from protocol.mqtt import Backoff, MqttClient, Will
 
@@ -212,9 +213,7 @@ def test_right_credentials_connect(password_broker):
 
 
 def test_down_broker_is_retried_until_it_comes_up(tmp_path, topic_root):
-    from deploy.broker import mosquitto_binary
-    if mosquitto_binary() is None:
-        pytest.skip("the mosquitto binary is not installed: sudo apt-get install mosquitto")
+    require("mosquitto")
     port = free_port()
     inbox = Inbox()
     c = _client(f"mqtt://127.0.0.1:{port}")

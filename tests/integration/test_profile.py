@@ -68,7 +68,7 @@ def test_the_planner_uses_the_device_profile(tiny_bundle, tmp_path, capsys):
 
 
 def test_profile_runs_where_tensorflow_does_not_exist(tiny_bundle, tmp_path):
-    from unit.test_no_tensorflow import run_blocked
+    from fixtures_models import run_blocked
 
     out = tmp_path / "p.json"
     proc = run_blocked(tmp_path, """

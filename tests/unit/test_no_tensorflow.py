@@ -8,22 +8,12 @@ else), and which records every attempt, so an import hidden behind
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 
-from fixtures_models import blocked_env
-
-
-def run_blocked(tmp_path: Path, code: str, *, block: str = "tensorflow,keras", env_extra=None, args=()):
-    """Run ``code`` in a fresh Python where importing any of ``block`` raises (see fixtures_models.BLOCKER)."""
-    env = blocked_env(tmp_path, block, **(env_extra or {}))
-    prog = "import _block_tf\n" + textwrap.dedent(code)
-    return subprocess.run([sys.executable, "-c", prog, *args], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=120)
+from fixtures_core import require
+from fixtures_models import run_blocked
 
 
 DEVICE_IMPORTS = """
@@ -73,7 +63,7 @@ def test_device_command_parses_without_tensorflow(tmp_path):
 
 @pytest.mark.slow
 def test_interpreter_falls_back_to_tensorflow_only_when_litert_is_missing(tmp_path):
-    pytest.importorskip("tensorflow")
+    require("tensorflow")
     proc = run_blocked(tmp_path, """
         from runtime.interpreter import pick_backend
         print(pick_backend().name)

@@ -210,7 +210,7 @@ def test_cli_plan_prints_the_ranking_and_json(tmp_path, capsys):
 
 
 def test_planning_from_a_report_needs_no_tensorflow(tmp_path):
-    from unit.test_no_tensorflow import run_blocked
+    from fixtures_models import run_blocked
 
     path = tmp_path / "report.json"
     path.write_text(json.dumps(REPORT))

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.preprocess import Preprocessor, preprocess_file
+from fixtures_core import require
 from protocol import manifest as mf
 from protocol.errors import UsageError
+from runtime.preprocess import Preprocessor, preprocess_file
 
 MNIST_SPEC = mf.InputSpec(shape=(28, 28, 1), dtype="float32",
                           preprocess=mf.Preprocess(color_mode="L", resize=(28, 28)))
@@ -25,12 +26,7 @@ def _write_pngs(x: np.ndarray, folder) -> list:
 
 
 def test_mnist_png_equals_the_dataset_array(tmp_path):
-    from converter import datasets
-
-    try:
-        x = np.asarray(datasets.load_mnist().x_test[:64])
-    except UsageError as e:
-        pytest.skip(f"MNIST not available: {e.message}")
+    x = np.asarray(require("mnist").x_test[:64])
     paths = _write_pngs(x, tmp_path)
     p = Preprocessor(MNIST_SPEC)
     got = p.batch(paths)
