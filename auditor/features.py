@@ -1,10 +1,11 @@
 """The tensors the attacker sees: what the device really sends, and the float features beside it.
 
-``sent_features`` runs a bundle's head as a device does (``runtime.split.Head``: the real LiteRT
-interpreter, the tensors exactly as sent), puts every one in a real wire frame (``protocol.frame.encode_frame``), decodes it
-as the cloud does (``decode_frame``) and dequantizes it with the manifest's scale and zero
-point (``protocol.tensors.dequantize``).  ``float_features`` is the unquantized Keras
-output of the same layer, for comparison (and for the paper, which used it).
+``sent_features`` runs a bundle's head as a device does (``runtime.split.Head``: the real
+LiteRT interpreter, the tensors exactly as sent), puts every one in a real wire frame
+(``protocol.frame.encode_frame``), decodes it as the cloud does (``decode_frame``) and
+dequantizes it with the manifest's scale and zero point (``protocol.tensors.dequantize``).
+``float_features`` is the unquantized Keras output of the same layer, for comparison (and
+for the paper, which used it).
 """
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ if __package__ in (None, ""):
 import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
+from protocol.stats import percentiles  # noqa: E402
 
 MODEL = "paper-cnn"
 
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
     s = {k: common.repeats_summary(per_repeat[k]) for k in keys}
     mins = {k: float(np.min(all_ms[k])) for k in keys}
     rep.data["latency_ms"] = {f"{k[0]}/{k[1]}": {"summary": s[k], "min": mins[k],
-                                                  "p95": float(np.percentile(all_ms[k], 95))} for k in keys}
+                                                  "p95": percentiles(all_ms[k], (95,))["p95"]} for k in keys}
 
     rows = []
     for c in cuts + ["full"]:

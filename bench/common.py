@@ -43,6 +43,7 @@ if str(ROOT) not in sys.path:           # run as `python bench/x.py` from anywhe
 
 import numpy as np  # noqa: E402
 
+from protocol.stats import percentiles  # noqa: E402
 from protocol.tensors import json_default  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -93,14 +94,10 @@ def versions() -> dict:
 
 def summarize(values: Iterable[float]) -> dict:
     """median, p5/p95/p99, mean, min, max, n, and the relative spread (p95-p5)/median."""
-    a = np.asarray(list(values), dtype=np.float64)
-    a = a[np.isfinite(a)]
-    if a.size == 0:
+    out = percentiles(values, (5, 50, 95, 99))
+    if not out:
         return {"n": 0}
-    med = float(np.median(a))
-    out = {"n": int(a.size), "median": med, "mean": float(a.mean()), "min": float(a.min()), "max": float(a.max()),
-           "p5": float(np.percentile(a, 5)), "p50": med, "p95": float(np.percentile(a, 95)),
-           "p99": float(np.percentile(a, 99))}
+    med = out["median"]
     out["spread"] = (out["p95"] - out["p5"]) / med if med else float("nan")
     return out
 

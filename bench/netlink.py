@@ -61,6 +61,8 @@ import sys
 import threading
 from typing import Iterable, Sequence
 
+from protocol.stats import percentiles
+
 log = logging.getLogger(__name__)
 
 __all__ = ["ShapedLink", "Relay", "RelayStats", "parse_rate", "unavailable_reason", "reap_stale", "selftest"]
@@ -427,13 +429,8 @@ class RelayStats:
     held_ms: list = dataclasses.field(default_factory=list, repr=False)
 
     def held_percentiles(self) -> dict:
-        if not self.held_ms:
-            return {}
-        a = sorted(self.held_ms)
-
-        def q(p):
-            return a[min(len(a) - 1, int(round(p / 100 * (len(a) - 1))))]
-        return {"min": a[0], "p50": q(50), "p95": q(95), "max": a[-1]}
+        p = percentiles(self.held_ms, (50, 95))
+        return {k: p[k] for k in ("min", "p50", "p95", "max")} if p else {}
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "held_ms"}

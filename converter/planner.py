@@ -47,6 +47,7 @@ import re
 from pathlib import Path
 
 from protocol.errors import UsageError
+from protocol.profile import load_profile, validate_profile
 
 log = logging.getLogger(__name__)
 
@@ -296,9 +297,7 @@ def _profile_dict(p) -> dict | None:
     if p is None:
         return None
     if isinstance(p, dict):
-        return p
-    from device.profile import load_profile
-
+        return validate_profile(p, "the profile given")
     return load_profile(p)
 
 

@@ -1,4 +1,4 @@
-"""The deploy role: brokers, broker configuration, device packages, image flashing, the demo.
+"""The deploy role: brokers, broker configuration, device packages, image flashing.
 
 Public names live in their modules (imported lazily, so ``deploy.broker`` does not pull in
 ``cryptography``):

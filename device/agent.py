@@ -50,6 +50,7 @@ from protocol.errors import ConfigError, FrameError, UsageError
 from protocol.frame import RESULT, Frame, decode_frame, encode_frame, now_us
 from protocol.manifest import Bundle, load_bundle
 from protocol.mqtt import MqttClient, Will, read_password_file
+from protocol.stats import percentiles
 from runtime.preprocess import Preprocessor
 from runtime.split import Head
 
@@ -136,11 +137,7 @@ class AgentStats:
                 and self.abandoned == 0)
 
     def percentiles(self) -> dict:
-        if not self.latencies_ms:
-            return {}
-        a = np.asarray(self.latencies_ms, dtype=np.float64)
-        return {f"p{q}": float(np.percentile(a, q)) for q in (50, 95, 99)} | {"mean": float(a.mean()),
-                                                                              "max": float(a.max())}
+        return percentiles(self.latencies_ms)
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)

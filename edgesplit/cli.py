@@ -95,7 +95,7 @@ def add_demo(sub):
 
 
 def run_demo(args) -> int:
-    from deploy import demo
+    from edgesplit import demo
 
     result = demo.run_demo(model=args.model, cut=args.cut, quant=args.quant, n=args.n, broker=args.broker,
                            out=args.out, workers=args.workers)

@@ -1,4 +1,4 @@
-"""The contract every role shares: wire frames, topic names, signing, errors (and the bundle manifest).
+"""The contract every role shares: wire frames, topic names, signing, errors, the bundle manifest, the device profile.
 
 Public names are listed here; everything else is private to its module.
 
@@ -16,7 +16,7 @@ from protocol.errors import (BundleError, CheckFailed, ConfigError, EdgesplitErr
                              TopicError, UsageError)
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ below imports these on first use
-    from protocol import manifest, mqtt, tensors, topics
+    from protocol import manifest, mqtt, profile, stats, tensors, topics
     from protocol.manifest import SCHEMA_VERSION, Bundle, Manifest, load_bundle
     from protocol.frame import Frame, FrameLimits, decode_frame, encode_frame, header_size
     from protocol.signing import ReplayWindow, generate_key, load_key, load_keys, write_key
@@ -35,6 +35,8 @@ __all__ = [
     "manifest", "tensors", "load_bundle", "Manifest", "Bundle", "SCHEMA_VERSION",
     # the one MQTT adapter (protocol.mqtt)
     "mqtt",
+    # the device profile contract, edgesplit.profile/1 (protocol.profile), and percentiles (protocol.stats)
+    "profile", "stats",
 ]
 
 # public name -> the module that defines it (a module's own name: the module itself)
@@ -45,6 +47,7 @@ _LAZY = {
     "load_keys": "protocol.signing", "write_key": "protocol.signing",
     "topics": "protocol.topics",
     "manifest": "protocol.manifest", "tensors": "protocol.tensors", "mqtt": "protocol.mqtt",
+    "profile": "protocol.profile", "stats": "protocol.stats",
     "load_bundle": "protocol.manifest", "Manifest": "protocol.manifest", "Bundle": "protocol.manifest",
     "SCHEMA_VERSION": "protocol.manifest",
 }

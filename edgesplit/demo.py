@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from deploy.broker import free_port, port_accepts
 from protocol.errors import CheckFailed, UsageError
+from protocol.stats import percentiles
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class DemoResult:
             ("accuracy (head+tail run here)", f"{self.expected_correct / max(self.images, 1):.4f}"
                                               f"  (parity check on 2,000: {self.parity_accuracy:.4f})"),
             ("latency p50 / p95 / p99", f"{lat['p50']:.1f} / {lat['p95']:.1f} / {lat['p99']:.1f} ms"
-                                        f"  (up to 64 requests in flight)"),
+                                        f"  (up to 64 requests in flight)" if lat else "no answer"),
             ("throughput", f"{self.throughput:.1f} images/s"),
             ("bytes sent per image (frame)", f"{self.frame_bytes} B  (raw frame {self.raw_frame_bytes} B)"),
             ("raw image (uint8) / PNG", f"{self.raw_image_bytes} B / {self.png_bytes_mean:.0f} B"),
@@ -93,12 +94,6 @@ class DemoResult:
         d = asdict(self)
         d.update(accuracy=self.accuracy, throughput=self.throughput)
         return d
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _edgesplit(*args: str) -> list[str]:
@@ -124,11 +119,9 @@ def _wait_for_port(port: int, proc: subprocess.Popen, log_path: Path) -> None:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise CheckFailed(f"the broker exited with code {proc.returncode}", fix=f"read its log: {log_path}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
+        if port_accepts("127.0.0.1", port, timeout=0.5):
+            return
+        time.sleep(0.1)
     raise CheckFailed(f"the broker did not listen on port {port}", fix=f"read its log: {log_path}")
 
 
@@ -157,14 +150,6 @@ def _write_images(x: np.ndarray, y: np.ndarray, folder: Path) -> float:
     return float(np.mean(sizes))
 
 
-def _percentiles(values: list[float]) -> dict:
-    if not values:
-        return {"p50": float("nan"), "p95": float("nan"), "p99": float("nan"), "mean": float("nan")}
-    a = np.asarray(values, dtype=np.float64)
-    return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
-            "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
-
-
 def _frame_bytes(manifest) -> int:
     """Size of one features frame as the device publishes it for this bundle."""
     from protocol import frame as wire
@@ -176,13 +161,17 @@ def _frame_bytes(manifest) -> int:
     return len(wire.encode_frame(fr, compress="raw"))
 
 
-def _expected_correct(bundle_dir, x: np.ndarray, y: np.ndarray) -> int:
-    """How many of these images the split model gets right when run here, in-process."""
-    from converter.parity import SplitRunner
+def _expected_correct(bundle_dir, x: np.ndarray, y: np.ndarray, batch: int = 250) -> int:
+    """How many of these images the split model gets right when run here, in-process (``runtime.split``)."""
     from protocol.manifest import load_bundle
+    from runtime.split import Head, Tail
 
-    runner = SplitRunner(load_bundle(bundle_dir))
-    return int((np.argmax(runner.predict(x), axis=-1) == y).sum())
+    bundle = load_bundle(bundle_dir)
+    head, tail = Head(bundle), Tail(bundle)
+    right = 0
+    for s in range(0, len(x), batch):
+        right += int((np.argmax(tail.run(head.features(x[s:s + batch])), axis=-1) == y[s:s + batch]).sum())
+    return right
 
 
 def _latency_png(latencies: list[float], path: Path) -> None:
@@ -193,8 +182,9 @@ def _latency_png(latencies: list[float], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
     ax.hist(latencies, bins=60, color="#3a6ea5")
+    lat = percentiles(latencies)
     for q, style in ((50, "-"), (95, "--"), (99, ":")):
-        v = float(np.percentile(latencies, q))
+        v = lat[f"p{q}"]
         ax.axvline(v, color="k", linestyle=style, linewidth=1, label=f"p{q} {v:.1f} ms")
     ax.set_xlabel("end-to-end latency per image (ms)")
     ax.set_ylabel("images")
@@ -238,7 +228,7 @@ def run_demo(*, model: str = "paper-cnn", cut: str = "pool2", quant: str = "int8
     broker_proc = cloud_proc = device_proc = None
     try:
         if broker is None:
-            port = _free_port()
+            port = free_port()
             broker_url = f"mqtt://127.0.0.1:{port}"
             blog = logs / "broker.log"
             print(f"[3/4] starting the embedded broker on 127.0.0.1:{port}, a cloud worker and a device",
@@ -307,7 +297,7 @@ def run_demo(*, model: str = "paper-cnn", cut: str = "pool2", quant: str = "int8
     raw_frame = _frame_bytes(manifest)
     result = DemoResult(model=model, cut=cut, quant=quant, broker=broker_url, images=n, answered=answered,
                         correct=correct, parity_accuracy=float(conv.accuracy), expected_correct=expected_correct,
-                        latency_ms=_percentiles(latencies), seconds=seconds,
+                        latency_ms=percentiles(latencies), seconds=seconds,
                         frame_bytes=round(stats.get("bytes_per_frame") or raw_frame), raw_frame_bytes=raw_frame,
                         raw_image_bytes=int(np.prod(manifest.input.shape)), png_bytes_mean=png_mean,
                         out_dir=str(out_dir))
