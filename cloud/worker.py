@@ -234,7 +234,7 @@ class Worker:
                 frame = decode_frame(item.payload, key=self.keys)   # MAC checked before the tensor
                 if frame.device_id != where.device:
                     raise FrameError(Reason.DEVICE_MISMATCH,
-                                     f"frame from device {frame.device_id!r} arrived on the topic "
+                                     f"a frame of device {frame.device_id!r} arrived on the topic "
                                      f"of device {where.device!r}")
                 if self.replay is not None:
                     self.replay.check_frame(frame)                  # only after the MAC proved seq and time
