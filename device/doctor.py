@@ -304,13 +304,14 @@ class _Doctor:
             self.add("head", SKIP, "no usable TFLite interpreter (see above)")
             return
         import numpy as np
-        from runtime.interpreter import Model
+        from runtime.split import Head
 
         t0 = time.perf_counter()
         try:
-            model = Model(self.bundle.head_path, backend=self.backend)
+            head = Head(self.bundle, backend=self.backend)   # checked against the manifest, as the agent does
+            model = head.model
             x = np.zeros((1, *model.sample_shape), dtype=np.float32)
-            y = model.run(x)
+            y = head.features(x)
         except Exception as exc:  # noqa: BLE001
             self.add("head", FAIL, f"{self.backend.name} cannot run head.tflite: "
                                    f"{getattr(exc, 'message', exc)}",
