@@ -47,6 +47,9 @@ TEMPLATES = Path(__file__).parent / "templates"
 SECTOR = 512
 # MBR partition types of FAT file systems (FAT12, FAT16 <32M, FAT16, FAT32 CHS, FAT32 LBA, FAT16 LBA)
 FAT_TYPES = {0x01: "FAT12", 0x04: "FAT16", 0x06: "FAT16", 0x0B: "FAT32", 0x0C: "FAT32", 0x0E: "FAT16"}
+# the other partitions a Raspberry Pi OS image (or a card made from one) may hold
+PARTITION_TYPES = {0x83: "Linux", 0x82: "Linux swap"}
+EXTENDED_TYPES = {0x05: "extended", 0x0F: "extended (LBA)", 0x85: "Linux extended"}
 FIRSTRUN_ARGS = ("systemd.run=/boot/firstrun.sh", "systemd.run_success_action=reboot",
                  "systemd.unit=kernel-command-line.target")
 FIRSTRUN_MARKER = "edgesplit-firstrun"
@@ -71,6 +74,7 @@ class BootPartition:
     size: int
     type_id: int
     fat: str
+    cluster: int = 4096          # bytes per cluster: what the smallest file takes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,39 +155,93 @@ def _refuse_mounted(device: Path) -> None:
                              f"corrupts it", fix=f"sudo umount {source}, then run flash again")
 
 
+def _partitions(image: Path, mbr: bytes) -> list[tuple[int, int, int, int]]:
+    """The MBR's used entries as (number, type, first sector, sector count)."""
+    parts = []
+    for i in range(4):
+        entry = mbr[446 + 16 * i: 446 + 16 * (i + 1)]
+        start, count = struct.unpack_from("<II", entry, 8)
+        if entry[4] == 0xEE:
+            raise UsageError(f"{image} has a GPT partition table; Raspberry Pi OS images use MBR",
+                             fix="give a Raspberry Pi OS .img file")
+        if entry[4] and count:
+            parts.append((i + 1, entry[4], start, count))
+    return parts
+
+
+def _refuse_layout(image: Path, parts: list[tuple[int, int, int, int]]) -> None:
+    """Refuse what is not partition 1 FAT (boot) + a Linux root: a Raspberry Pi boots no other layout."""
+    def kind(t: int) -> str:
+        return FAT_TYPES.get(t) or PARTITION_TYPES.get(t) or EXTENDED_TYPES.get(t) or f"type 0x{t:02X}"
+
+    layout = ", ".join(f"{n}: {kind(t)}" for n, t, _, _ in parts) or "no partitions"
+    fix = "give a Raspberry Pi OS .img file as downloaded and decompressed (partition 1 FAT boot, 2 Linux root)"
+    if not parts:
+        raise UsageError(f"{image} has an empty partition table", fix=fix)
+    for n, t, start, count in parts:
+        if start == 0:
+            raise UsageError(f"partition {n} of {image} starts on the partition table itself: the table is "
+                             f"damaged", fix=fix)
+    ordered = sorted(parts, key=lambda p: p[2])
+    for (n1, _, s1, c1), (n2, _, s2, _) in zip(ordered, ordered[1:]):
+        if s2 < s1 + c1:
+            raise UsageError(f"partitions {n1} and {n2} of {image} overlap: the partition table is damaged",
+                             fix=fix)
+    fats = [p for p in parts if p[1] in FAT_TYPES]
+    linux = [p for p in parts if p[1] == 0x83]
+    if not fats:
+        what = ("only a Linux partition: a root file system without the boot partition"
+                if linux else f"no FAT partition ({layout})")
+        raise UsageError(f"{image} has no FAT partition in its MBR, {what}, so it is not a Raspberry Pi OS image",
+                         fix=fix)
+    odd = [p for p in parts if p[1] not in FAT_TYPES and p[1] not in PARTITION_TYPES]
+    extended = [p for p in parts if p[1] in EXTENDED_TYPES]
+    first = parts[0][0] == 1 and parts[0][1] in FAT_TYPES
+    if not first or odd or extended or not linux:
+        why = ("a Raspberry Pi reads its boot files from partition 1, which is not FAT here" if not first else
+               "it has an extended partition (logical partitions inside)" if extended else
+               f"partition {odd[0][0]} has {kind(odd[0][1])}, which no Raspberry Pi OS image has" if odd else
+               "there is no Linux root partition (type 0x83) beside the boot partition")
+        raise UsageError(f"{image} has an unknown partition layout ({layout}): {why}", fix=fix)
+
+
 def find_boot_partition(image) -> BootPartition:
-    """Parse the MBR of ``image`` and return its first FAT partition; UsageError if there is none."""
+    """Parse the MBR of ``image`` and return its FAT boot partition (partition 1).
+
+    UsageError, before anything is written, for what a Raspberry Pi could not boot: no MBR, a
+    compressed file, a bare file system, an unknown partition layout, a truncated image."""
     image = Path(image)
     with open(image, "rb") as f:
-        mbr = f.read(SECTOR)
         end = f.seek(0, os.SEEK_END)
         f.seek(0)
-        head = f.read(8)
+        head = f.read(2048)
+    mbr = head[:SECTOR]
     for magic, ext in _COMPRESSED.items():
         if head.startswith(magic):
             raise UsageError(f"{image} is compressed ({ext}), not a raw disk image",
                              fix=f"decompress it first, e.g. unxz {image} (or unzip / gunzip)")
-    if len(mbr) < SECTOR or mbr[510:512] != b"\x55\xaa":
+    if end < SECTOR:
+        raise UsageError(f"{image} is only {end} bytes: too short to hold a partition table (truncated?)",
+                         fix="download and decompress the image again")
+    if head[1080:1082] == b"\x53\xef" and mbr[510:512] != b"\x55\xaa":
+        raise UsageError(f"{image} is a bare ext4 file system (a root partition on its own), not a whole disk "
+                         f"image", fix="give the whole Raspberry Pi OS .img file, with its partition table")
+    if mbr[0] in (0xEB, 0xE9) and (mbr[82:87] == b"FAT32" or mbr[54:57] == b"FAT"):
+        raise UsageError(f"{image} is a bare FAT file system (a boot partition on its own), not a whole disk image",
+                         fix="give the whole Raspberry Pi OS .img file, with its partition table")
+    if mbr[510:512] != b"\x55\xaa":
         raise UsageError(f"{image} has no MBR partition table (no 0x55AA boot signature)",
                          fix="give a Raspberry Pi OS .img file as downloaded and decompressed")
-    candidates = []
-    for i in range(4):
-        entry = mbr[446 + 16 * i: 446 + 16 * (i + 1)]
-        ptype = entry[4]
-        start, count = struct.unpack_from("<II", entry, 8)
-        if ptype == 0xEE:
-            raise UsageError(f"{image} has a GPT partition table; Raspberry Pi OS images use MBR",
-                             fix="give a Raspberry Pi OS .img file")
-        if ptype in FAT_TYPES and count:
-            candidates.append(BootPartition(number=i + 1, offset=start * SECTOR, size=count * SECTOR,
-                                            type_id=ptype, fat=FAT_TYPES[ptype]))
-    if not candidates:
-        raise UsageError(f"{image} has no FAT partition in its MBR, so it is not a Raspberry Pi OS image",
-                         fix="give a Raspberry Pi OS .img file; its first partition is the FAT boot partition")
-    part = candidates[0]
-    if part.offset + part.size > end:
-        raise UsageError(f"partition {part.number} of {image} ends beyond the end of the file (truncated image?)",
-                         fix="download and decompress the image again")
+    parts = _partitions(image, mbr)
+    _refuse_layout(image, parts)
+    for n, _, start, count in parts:
+        if (start + count) * SECTOR > end:
+            missing = (start + count) * SECTOR - end
+            raise UsageError(f"{image} is truncated: partition {n} ends at byte {(start + count) * SECTOR}, "
+                             f"{missing} bytes ({missing / 2**20:.1f} MiB) past the end of the file",
+                             fix="download and decompress the image again (the copy stopped early)")
+    n, ptype, start, count = parts[0]
+    part = BootPartition(number=n, offset=start * SECTOR, size=count * SECTOR, type_id=ptype, fat=FAT_TYPES[ptype])
     with open(image, "rb") as f:
         f.seek(part.offset)
         boot = f.read(SECTOR)
@@ -192,7 +250,12 @@ def find_boot_partition(image) -> BootPartition:
             or not (boot[82:87] == b"FAT32" or boot[54:57] == b"FAT")):
         raise UsageError(f"partition {part.number} of {image} is marked FAT but holds no FAT file system",
                          fix="give an unmodified Raspberry Pi OS .img file")
-    return part
+    small, large = struct.unpack_from("<H", boot, 19)[0], struct.unpack_from("<I", boot, 32)[0]
+    if (small or large) * bytes_per_sector > part.size:
+        raise UsageError(f"the FAT file system of partition {part.number} of {image} is larger than its partition "
+                         f"({(small or large) * bytes_per_sector} > {part.size} bytes): the image is damaged",
+                         fix="download and decompress the image again")
+    return dataclasses.replace(part, cluster=bytes_per_sector * max(boot[13], 1))
 
 
 # ----------------------------------------------------------------- mtools
@@ -564,14 +627,21 @@ def flash(image, device_package, *, wifi_ssid: str | None = None, wifi_psk_file=
                 raise UsageError(f"{image} already has a firstrun.sh (from Raspberry Pi Imager's settings?)",
                                  fix="flash a fresh copy of the image without Imager customisation")
 
-        # --- is there room?  (package + scripts + a margin for directory clusters)
-        need = package.stat().st_size + 256 * 1024
+        # --- is there room?  The package and, for every other file and the two directories, a
+        # cluster at least (they are a few KiB each); checked before the first write, so that a
+        # full partition is refused with the image unchanged
+        def clusters(n: int) -> int:
+            return -(-n // part.cluster) * part.cluster
+
+        need = clusters(package.stat().st_size) + max(256 * 1024, 16 * part.cluster)
         if "edgesplit" in root and PKG_NAME in fat.listdir("/edgesplit"):
-            need -= package.stat().st_size  # replacing the previous package
+            need -= clusters(package.stat().st_size)  # replacing the previous package
         free = fat.free_bytes()
         if need > free:
-            raise UsageError(f"the boot partition has {free // 1024} KiB free, the device package needs "
-                             f"{need // 1024} KiB", fix="make the device package smaller (e.g. without offline wheels)")
+            raise UsageError(f"the boot partition of {image} is too full: {free // 1024} KiB free, the device package "
+                             f"and the first-boot files need {need // 1024} KiB",
+                             fix="remove files you do not need from the boot partition, or make the device "
+                                 "package smaller (without --offline-wheels)")
 
         files: dict[str, str] = {}
         backups: list[str] = []

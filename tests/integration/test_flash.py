@@ -333,6 +333,103 @@ def test_unrecognised_images_are_refused(tmp_path, content, message):
     assert _digest(img) == before
 
 
+def _write_mbr(img: Path, parts) -> None:
+    with open(img, "r+b") as f:
+        f.write(_mbr(parts))
+
+
+def _pi_layout(**change):
+    """The synthetic image's partitions (1 FAT32 boot, 2 Linux root) with some entries changed."""
+    parts = {1: (0x0C, BOOT_START, BOOT_SECTORS), 2: (0x83, BOOT_START + BOOT_SECTORS, ROOT_SECTORS)}
+    parts.update({int(k[1:]): v for k, v in change.items()})
+    return [parts.get(i, (0, 0, 0)) for i in range(1, 5)]
+
+
+@pytest.mark.parametrize("layout, message", [
+    (_pi_layout(p1=(0x83, BOOT_START + BOOT_SECTORS, ROOT_SECTORS), p2=(0x0C, BOOT_START, BOOT_SECTORS)),
+     r"unknown partition layout \(1: Linux, 2: FAT32\): a Raspberry Pi reads its boot files from partition 1"),
+    (_pi_layout(p3=(0x07, BOOT_START + BOOT_SECTORS + ROOT_SECTORS - 2048, 1024)), "overlap"),
+    (_pi_layout(p2=(0x07, BOOT_START + BOOT_SECTORS, ROOT_SECTORS)),
+     r"unknown partition layout \(1: FAT32, 2: type 0x07\): partition 2 has type 0x07"),
+    (_pi_layout(p2=(0x05, BOOT_START + BOOT_SECTORS, ROOT_SECTORS)), "extended partition"),
+    (_pi_layout(p2=(0, 0, 0)), "no Linux root partition"),
+    (_pi_layout(p1=(0, 0, 0), p2=(0, 0, 0)), "empty partition table"),
+])
+def test_an_unknown_partition_layout_is_refused_and_the_image_kept(tmp_path, layout, message):
+    img = make_image(tmp_path, {"config.txt": CONFIG, "cmdline.txt": CMDLINE})
+    _write_mbr(img, layout)
+    before = _digest(img)
+    with pytest.raises(UsageError, match=message) as err:
+        fl.flash(img, make_package(tmp_path))
+    assert err.value.fix and "partition 1 FAT boot, 2 Linux root" in err.value.fix
+    assert _digest(img) == before
+
+
+def test_a_root_only_image_is_refused_and_kept(tmp_path):
+    """Both ways a root file system comes alone: an MBR with only the Linux partition, and a bare ext4
+    (a partition copied with dd)."""
+    img = make_image(tmp_path, {"config.txt": CONFIG, "cmdline.txt": CMDLINE})
+    _write_mbr(img, _pi_layout(p1=(0, 0, 0)))
+    before = _digest(img)
+    with pytest.raises(UsageError, match="only a Linux partition: a root file system without the boot partition"):
+        fl.flash(img, make_package(tmp_path))
+    assert _digest(img) == before
+    if shutil.which("mkfs.ext4") or Path("/usr/sbin/mkfs.ext4").exists():
+        bare = tmp_path / "rootfs.img"
+        with open(bare, "wb") as f:
+            f.truncate(8 * 2**20)
+        subprocess.run([shutil.which("mkfs.ext4") or "/usr/sbin/mkfs.ext4", "-q", "-F", "-L", "rootfs", str(bare)],
+                       check=True, capture_output=True)
+        before = _digest(bare)
+        with pytest.raises(UsageError, match="bare ext4 file system"):
+            fl.flash(bare, make_package(tmp_path))
+        assert _digest(bare) == before
+
+
+def test_a_bare_boot_partition_is_refused_and_kept(tmp_path):
+    img = make_image(tmp_path, {"config.txt": CONFIG, "cmdline.txt": CMDLINE})
+    bare = tmp_path / "bootfs.img"
+    with open(img, "rb") as src, open(bare, "wb") as dst:
+        src.seek(BOOT_START * 512)
+        dst.write(src.read(BOOT_SECTORS * 512))
+    before = _digest(bare)
+    with pytest.raises(UsageError, match="bare FAT file system"):
+        fl.flash(bare, make_package(tmp_path))
+    assert _digest(bare) == before
+
+
+@pytest.mark.parametrize("keep, message", [
+    ((BOOT_START + BOOT_SECTORS + ROOT_SECTORS // 2) * 512, r"truncated: partition 2 ends at byte \d+, 2097152 bytes"),
+    ((BOOT_START + 100) * 512, "truncated: partition 1 ends"),
+    (300, "only 300 bytes"),
+])
+def test_a_truncated_image_is_refused_and_kept(tmp_path, keep, message):
+    img = make_image(tmp_path, {"config.txt": CONFIG, "cmdline.txt": CMDLINE})
+    with open(img, "r+b") as f:
+        f.truncate(keep)
+    before = _digest(img)
+    with pytest.raises(UsageError, match=message):
+        fl.flash(img, make_package(tmp_path))
+    assert _digest(img) == before
+
+
+def test_a_full_boot_partition_is_refused_and_kept(tmp_path):
+    img = make_image(tmp_path, {"config.txt": CONFIG, "cmdline.txt": CMDLINE})
+    free = fl._Fat(img, fl.find_boot_partition(img))
+    try:
+        room = free.free_bytes()
+    finally:
+        free.close()
+    # fill the partition up to 64 KiB: the package (a few KiB) would fit, its first-boot files would not
+    _mcopy_in(img, "kernel_2712.img", os.urandom(room - 64 * 1024), tmp_path)
+    before = _digest(img)
+    with pytest.raises(UsageError, match=r"boot partition of .* is too full: \d+ KiB free") as err:
+        fl.flash(img, make_package(tmp_path))
+    assert "remove files" in err.value.fix
+    assert _digest(img) == before
+    fsck_partition(img, tmp_path)
+
+
 def test_fat_without_raspberry_pi_files_is_refused(tmp_path):
     img = make_image(tmp_path, {"readme.txt": "not a Pi"})
     before = _digest(img)
