@@ -211,21 +211,27 @@ def _agent_phase(agent, pixels, n):
 
 def _split_variant(v, pixels, cfg) -> dict:
     from device.agent import DeviceAgent
+    from device.config import DeviceConfig
+    from device.transport import mqtt_client
     from protocol.frame import Frame, encode_frame
     from protocol.manifest import load_bundle
     from runtime.split import Head
 
     b = load_bundle(v["bundle"])
     dev = f"bench-{v['cut']}"
-    common_kw = dict(num_threads=1, timeout=900, resend_after=None, connect_timeout=30)
+
+    def make_agent(window: int, batch: int) -> DeviceAgent:
+        c = DeviceConfig(device_id=dev, fleet=cfg["fleet"], bundle=b.root, broker_url=cfg["url"], threads=1,
+                         timeout=900, resend_after=0, max_in_flight=window, batch=batch,
+                         client_id=f"bench-{uuid.uuid4().hex[:8]}")
+        return DeviceAgent(c, mqtt_client(c), bundle=b, connect_timeout=30)
+
     out = {"throughput": [], "echo": []}
-    with DeviceAgent(b, cfg["url"], dev, cfg["fleet"], max_in_flight=cfg["window"], batch_size=32,
-                     client_id=f"bench-{uuid.uuid4().hex[:8]}", **common_kw) as agent:
+    with make_agent(cfg["window"], 32) as agent:
         list(agent.run_arrays(pixels[:WARMUP]))
         for _ in range(v["repeats"]):
             out["throughput"].append(_metered(cfg, "worker", lambda: _agent_phase(agent, pixels, v["n"])))
-    with DeviceAgent(b, cfg["url"], dev, cfg["fleet"], max_in_flight=1, batch_size=1,
-                     client_id=f"bench-{uuid.uuid4().hex[:8]}", **common_kw) as agent:
+    with make_agent(1, 1) as agent:
         list(agent.run_arrays(pixels[:5]))
         out["latency"] = _agent_phase(agent, pixels, v["n_lat"])
     head = Head(b, num_threads=1)

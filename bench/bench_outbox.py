@@ -30,10 +30,13 @@ E2E = Path(__file__).resolve().parent / "bench_e2e.py"
 
 def agent_run(bundle, url: str, pixels: np.ndarray, outbox, fleet: str, n: int) -> dict:
     from device.agent import DeviceAgent
+    from device.config import DeviceConfig
+    from device.transport import mqtt_client
 
     dev = f"ob{uuid.uuid4().hex[:6]}"
-    with DeviceAgent(bundle, url, dev, fleet, num_threads=1, timeout=600, resend_after=None, outbox=outbox,
-                     client_id=f"bench-{dev}", clean_session=True, connect_timeout=30) as agent:
+    cfg = DeviceConfig(device_id=dev, fleet=fleet, bundle=bundle.root, broker_url=url, threads=1, timeout=600,
+                       resend_after=0, client_id=f"bench-{dev}")
+    with DeviceAgent(cfg, mqtt_client(cfg), bundle=bundle, outbox=outbox, connect_timeout=30) as agent:
         list(agent.run_arrays(pixels[:32]))
         t0 = time.perf_counter()
         res = list(agent.run_arrays(pixels[:n]))

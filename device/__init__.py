@@ -4,7 +4,9 @@ Never imports TensorFlow.  The head itself runs in :mod:`runtime` (shared with t
 cloud, the converter and the auditor).  Public names, imported lazily:
 
 * :class:`DeviceConfig`, :func:`load_config` (``device.config``) — every setting, defined once
-* :class:`DeviceAgent`, :class:`DeviceResult`, :class:`AgentStats` (``device.agent``)
+* :class:`DeviceAgent` (``device.agent``), given its config and a client from :func:`open_agent` /
+  :func:`mqtt_client` (``device.transport``)
+* :class:`DeviceResult`, :class:`AgentStats` (``device.results``)
 * :func:`open_inputs`, :class:`Sample` (``device.sources``)
 * :class:`SqliteOutbox` (``device.outbox``)
 """
@@ -16,8 +18,10 @@ _PUBLIC = {
     "DeviceConfig": "device.config",
     "load_config": "device.config",
     "DeviceAgent": "device.agent",
-    "DeviceResult": "device.agent",
-    "AgentStats": "device.agent",
+    "open_agent": "device.transport",
+    "mqtt_client": "device.transport",
+    "DeviceResult": "device.results",
+    "AgentStats": "device.results",
     "open_inputs": "device.sources",
     "Sample": "device.sources",
     "SqliteOutbox": "device.outbox",

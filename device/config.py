@@ -57,11 +57,11 @@ class Setting:
     metavar: str | None = None
 
 
-def _setting(default, section: str, kind: str, doc: str, *, key: str | None = None, **kw):
+def _setting(default, section: str, kind: str, doc: str, *, key: str | None = None, repr: bool = True, **kw):
     meta = {"setting": (section, key, kind, doc, kw)}
     if default is dataclasses.MISSING:
-        return dataclasses.field(metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
+        return dataclasses.field(metadata=meta, repr=repr)
+    return dataclasses.field(default=default, metadata=meta, repr=repr)
 
 
 _REQUIRED = dataclasses.MISSING
@@ -81,7 +81,7 @@ class DeviceConfig:
 
     broker_url: str = _setting(_REQUIRED, "broker", "str", "mqtt://host:1883 or mqtts://host:8883 (no password "
                                "in a file: see credentials)", key="url", required=True, flag="--broker",
-                               metavar="URL")
+                               metavar="URL", repr=False)     # a command line's URL may hold a password
     username: str = _setting("", "broker", "str", "broker user name (default: the device id when a password "
                              "is found)", flag="--username")
     client_id: str = _setting("", "broker", "str", "MQTT client id (default edgesplit-<fleet>-<device>)",
@@ -135,6 +135,21 @@ class DeviceConfig:
                              metavar="FILE")
 
     path: Path | None = None          # the file it was read from
+
+    def __post_init__(self):
+        # a config built in code is held to the same rules as one read from a file or the flags
+        for name in ("bundle", "state_dir"):
+            object.__setattr__(self, name, Path(getattr(self, name)))
+        object.__setattr__(self, "credentials", Path(self.credentials) if self.credentials else None)
+        object.__setattr__(self, "sources", tuple(str(x) for x in self.sources))
+        problems = [p for name, s in SETTINGS.items() if s.kind != "path"
+                    for p in [_check(s, getattr(self, name), f"`{name}`")[1]] if p]
+        if not problems:
+            problems = _cross_problems(vars(self), lambda n: f"`{n}`", file=False)
+        if problems:
+            from protocol.errors import UsageError
+
+            raise UsageError("DeviceConfig: " + "; ".join(problems), fix="see device.config for every setting")
 
     # ------------------------------------------------------------- derived
     @property
@@ -454,7 +469,7 @@ def from_flags(given: dict[str, Any]) -> DeviceConfig:
     if v.get("credentials"):
         from device.credentials import directory_facts, find_device_dir
 
-        v["credentials"] = find_device_dir(v["credentials"], v.get("device_id"))
+        v["credentials"] = str(find_device_dir(v["credentials"], v.get("device_id")))
         facts = directory_facts(v["credentials"])
     if v.get("device_id") and facts.get("device_id") and v["device_id"] != facts["device_id"]:
         raise UsageError(f"--device-id {v['device_id']} does not match the credentials of {facts['device_id']}",
@@ -468,8 +483,9 @@ def from_flags(given: dict[str, Any]) -> DeviceConfig:
         raise UsageError("no device id given", fix="pass --device-id ID (or --credentials DIR)")
     values = {name: v.get(name, _default(name, service=False)) for name in SETTINGS}
     problems = []
-    for name, s in SETTINGS.items():
-        values[name], problem = _check(s, values[name], s.flag or f"`{s.key}`")
+    for name in v:                          # the defaults hold by construction
+        s = SETTINGS[name]
+        values[name], problem = _check(s, values[name], s.flag or "INPUT")
         if problem:
             problems.append(problem)
     if not problems:

@@ -17,7 +17,6 @@ Without arguments on a device it checks the installed ``/etc/edgesplit/device.to
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib
 import json
@@ -33,7 +32,7 @@ from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Check", "DoctorReport", "run_doctor", "main", "OK", "FAIL", "SKIP"]
+__all__ = ["Check", "DoctorReport", "run_doctor", "OK", "FAIL", "SKIP"]
 
 OK, FAIL, SKIP = "ok", "FAIL", "skip"
 MIN_PYTHON = (3, 10)
@@ -471,21 +470,14 @@ def run_doctor(bundle: str | None = None, broker: str | None = None, config: str
                    tuple(n.lower() for n in skip)).run()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m device.doctor`` (the same as ``edgesplit doctor``)."""
-    p = argparse.ArgumentParser(prog="python -m device.doctor", description=__doc__.split("\n")[0])
-    p.add_argument("--bundle", default=None)
-    p.add_argument("--broker", default=None, metavar="URL")
-    p.add_argument("--config", default=None, metavar="FILE")
-    p.add_argument("--timeout", type=float, default=5.0)
-    p.add_argument("--skip", action="append", default=[], metavar="CHECK", choices=CHECK_NAMES)
-    p.add_argument("--json", action="store_true")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    report = run_doctor(a.bundle, a.broker, a.config, timeout=a.timeout, skip=a.skip)
-    print(json.dumps(report.to_dict(), indent=2) if a.json else report.summary())
-    return report.exit_code
+def main(argv: list[str] | None = None) -> None:
+    """``python -m device.doctor ...``: runs ``edgesplit doctor ...`` (same options, output and exit code)."""
+    import runpy
+
+    # run the command rather than import it: the command sits above the roles, never below them
+    sys.argv = [sys.argv[0], "doctor", *(sys.argv[1:] if argv is None else argv)]
+    runpy.run_module("edgesplit", run_name="__main__", alter_sys=True)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

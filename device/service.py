@@ -153,25 +153,16 @@ class DeviceService:
 
     # ------------------------------------------------------------- set-up
     def _build_agent(self):
-        from device.agent import DeviceAgent
+        from device.transport import open_agent
 
         cfg = self.config
-        creds = resolve_credentials(cfg, self.env)
-        log.info("device %s (fleet %s), broker %s, credentials from %s", cfg.device_id, cfg.fleet,
-                 cfg.broker_url, creds.source)
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         for src in self.watcher.specs:
             if cfg.watch and not any(c in src for c in "*?["):
                 p = Path(src)
                 if not p.exists() and (p.parent == cfg.state_dir or cfg.state_dir in p.parents):
                     p.mkdir(parents=True, exist_ok=True)
-        return DeviceAgent(
-            str(cfg.bundle), cfg.broker_url, cfg.device_id, cfg.fleet, max_in_flight=cfg.max_in_flight,
-            batch_size=cfg.batch, timeout=cfg.timeout or None, resend_after=cfg.resend_after or None,
-            num_threads=cfg.threads or None, interpreter=cfg.interpreter or None, key=creds.key,
-            outbox=str(cfg.outbox_path) if cfg.outbox_path else None, client_id=cfg.mqtt_client_id,
-            clean_session=not cfg.persistent_session, protocol=cfg.protocol, username=creds.username,
-            password=creds.password, tls_ca=creds.ca_path)
+        return open_agent(cfg, self.env, log_level=logging.INFO)
 
     # ------------------------------------------------------------- results
     def _consume(self, results: Iterable, files: bool = True) -> None:

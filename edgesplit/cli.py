@@ -184,7 +184,7 @@ def run_broker_config(args) -> int:
 
 
 def add_device(sub):
-    from device.config import DEFAULT_CONFIG
+    from device.config import DEFAULT_CONFIG, flags
 
     p = sub.add_parser("device", help="the device role: run a bundle's head and send features to the cloud")
     dsub = p.add_subparsers(dest="device_verb", metavar="ACTION")
@@ -194,36 +194,14 @@ def add_device(sub):
     r.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="image file, folder, glob such as 'imgs/*.png', or camera / camera:N (picamera2); "
                         "none with --outbox: only re-send what the outbox holds")
-    r.add_argument("--bundle", required=True, help="bundle directory or .tar.gz (from `edgesplit convert`)")
-    r.add_argument("--broker", default=None, metavar="URL",
-                   help="mqtt://[user:pass@]host:port or mqtts://host:8883?ca=ca.pem")
-    r.add_argument("--device-id", default=None, help="this device's id (letters, digits, '-', '_', '.')")
-    r.add_argument("--fleet", default=None, help="fleet id (default: default)")
-    r.add_argument("--credentials", default=None, metavar="DIR",
-                   help="device directory from `edgesplit broker config` (broker URL, user, password, CA, "
-                        "device id, fleet); other options override it")
-    r.add_argument("--username", default=None, help="broker user name (default: from the URL)")
-    r.add_argument("--password-file", default=None, metavar="FILE",
-                   help="read the broker password from FILE (keeps it out of `ps`)")
-    r.add_argument("--ca", default=None, metavar="FILE", help="CA certificate for mqtts:// brokers")
-    r.add_argument("--timeout", type=float, default=30.0, metavar="S",
-                   help="seconds a request may wait for its answer before it is reported as a timeout "
-                        "(default 30; 0 waits for ever)")
-    r.add_argument("--resend-after", type=float, default=10.0, metavar="S",
-                   help="send a request again when it has waited S seconds for its answer (a worker died "
-                        "holding it; the cloud answers each request once); default 10, 0 never")
-    r.add_argument("--max-in-flight", type=int, default=64, metavar="N",
-                   help="unanswered requests allowed at once (default 64)")
-    r.add_argument("--batch", type=int, default=32, metavar="N", help="inputs per head invocation (default 32)")
-    r.add_argument("--threads", type=int, default=None, metavar="N", help="interpreter threads (default: its own)")
-    r.add_argument("--interpreter", choices=["ai_edge_litert", "tflite_runtime", "tensorflow"], default=None,
-                   help="force one TFLite interpreter (default: the first installed, in this order)")
-    r.add_argument("--key", default=None, metavar="FILE", help="this device's MAC key file: sign every frame")
-    r.add_argument("--outbox", default=None, metavar="FILE",
-                   help="SQLite outbox: accepted inputs survive a restart and are re-sent")
-    r.add_argument("--client-id", default=None, help="MQTT client id (default edgesplit-<fleet>-<device>)")
-    r.add_argument("--camera-interval", type=float, default=0.0, metavar="S",
-                   help="seconds between camera frames (default: as fast as the camera goes)")
+    # every other option is a setting of device.config.DeviceConfig, described there once
+    for flag, name, s, default in flags():
+        shown = f" (default {default:g})" if isinstance(default, float) else \
+            f" (default {default})" if default not in ("", None) else ""
+        r.add_argument(flag, dest=name, default=None, type={"int": int, "float": float}.get(s.kind, str),
+                       metavar=s.metavar, choices=[c for c in s.choices if c] or None,
+                       required=name == "bundle",          # the only setting nothing else can supply
+                       help=s.doc + shown)
     r.add_argument("--stats-json", default=None, metavar="FILE",
                    help="also write the run's counters and latency percentiles as JSON to FILE")
     r.set_defaults(func=run_device)
@@ -239,20 +217,13 @@ def add_device(sub):
     v.set_defaults(func=run_device_serve, log_format="service")
 
 
-
 def run_device(args) -> int:
-    # Only device/ and protocol/ are imported here: a Raspberry Pi has no TensorFlow.
-    from device import agent
+    # Only device/, runtime/ and protocol/ are imported here: a Raspberry Pi has no TensorFlow.
+    from device import config, run
 
-    def emit(result):
-        print(result.to_json(), flush=True)
-
-    summary = agent.run(args.bundle, args.broker, args.device_id, args.inputs, fleet=args.fleet,
-                        timeout=args.timeout or None, max_in_flight=args.max_in_flight, batch_size=args.batch,
-                        num_threads=args.threads, interpreter=args.interpreter, key_file=args.key,
-                        outbox=args.outbox, client_id=args.client_id, camera_interval=args.camera_interval,
-                        credentials=args.credentials, username=args.username, password_file=args.password_file,
-                        tls_ca=args.ca, resend_after=args.resend_after or None, on_result=emit)
+    cfg = config.from_flags({name: getattr(args, name) for _, name, _, _ in config.flags()}
+                            | {"sources": args.inputs})
+    summary = run.run(cfg, on_result=lambda r: print(r.to_json(), flush=True))
     print(summary.summary(), file=sys.stderr)
     if args.stats_json:
         with open(args.stats_json, "w") as fh:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from device.agent import DeviceAgent
+from device.config import DeviceConfig
+from device.transport import open_agent
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -28,7 +29,9 @@ def test_kill_one_of_two_workers_mid_stream_every_request_answered_once(mosquitt
     seen: dict[str, int] = {}
     stopped_at = killed_at = None
     # resend_after: how long the device waits before it re-sends an unanswered request
-    with DeviceAgent(tiny_bundle.root, url, "pi-kill", fleet="lab", timeout=120, resend_after=3.0) as agent:
+    cfg = DeviceConfig(device_id="pi-kill", fleet="lab", bundle=tiny_bundle.root, broker_url=url, timeout=120,
+                       resend_after=3.0)
+    with open_agent(cfg) as agent:
         for r in agent.run_arrays(x, ids=[f"img{i}" for i in range(len(x))]):
             assert r.ok, r.error
             seen[r.input] = seen.get(r.input, 0) + 1

@@ -18,6 +18,9 @@ import pytest
 from PIL import Image
 
 from device.agent import DeviceAgent
+from device.config import DeviceConfig
+from device.credentials import Credentials
+from device.transport import mqtt_client, open_agent
 from protocol import topics
 from protocol.errors import ConfigError
 from protocol.manifest import load_bundle
@@ -202,7 +205,8 @@ def test_python_api_runs_arrays_and_matches_each_answer(broker, tiny_bundle, sta
     want = Model(b.tail_path).run_float(b.feature.dequantize(Model(b.head_path).run(x))).argmax(axis=1)
 
     start_worker(broker.url, b)
-    with DeviceAgent(b.root, broker.url, "pi-api", fleet="lab", max_in_flight=16) as agent:
+    cfg = DeviceConfig(device_id="pi-api", fleet="lab", bundle=b.root, broker_url=broker.url, max_in_flight=16)
+    with open_agent(cfg) as agent:
         got = {}
         for r in agent.run_arrays(x, ids=[f"img{i}" for i in range(len(x))]):
             assert r.ok, r.error
@@ -218,7 +222,9 @@ def test_python_api_runs_arrays_and_matches_each_answer(broker, tiny_bundle, sta
 
 
 def test_no_answer_is_reported_as_a_timeout(mosquitto_broker, tiny_bundle_dir):
-    with DeviceAgent(tiny_bundle_dir, mosquitto_broker.url, "pi-lonely", timeout=1.0, resend_after=0.3) as agent:
+    cfg = DeviceConfig(device_id="pi-lonely", bundle=tiny_bundle_dir, broker_url=mosquitto_broker.url, timeout=1.0,
+                       resend_after=0.3)
+    with open_agent(cfg) as agent:
         results = list(agent.run_arrays(np.zeros((3, 28, 28, 1), np.float32)))
     assert [r.error.split(":")[0] for r in results] == ["timeout"] * 3
     assert all(r.attempts >= 2 for r in results)      # re-sent while waiting
@@ -226,7 +232,9 @@ def test_no_answer_is_reported_as_a_timeout(mosquitto_broker, tiny_bundle_dir):
 
 
 def test_refused_credentials_raise_config_error_in_python(password_broker, tiny_bundle_dir):
-    agent = DeviceAgent(tiny_bundle_dir, password_broker.url, "pi-01", username="pi-01", password="nope")
+    cfg = DeviceConfig(device_id="pi-01", bundle=tiny_bundle_dir, broker_url=password_broker.url)
+    # the client is made outside the agent, as any transport would be
+    agent = DeviceAgent(cfg, mqtt_client(cfg, Credentials(username="pi-01", password="nope")))
     with pytest.raises(ConfigError) as e:
         agent.start()
     assert e.value.exit_code == 78
@@ -241,14 +249,60 @@ def test_signed_frames_are_answered_and_a_wrong_key_is_not(mosquitto_broker, tin
     signing.write_key(keys / "pi-forged.key")
     start_worker(mosquitto_broker.url, tiny_bundle, keys=signing.load_keys(keys))
     x = np.zeros((4, 28, 28, 1), np.float32)
-    with DeviceAgent(tiny_bundle.root, mosquitto_broker.url, "pi-signed", key=good) as agent:
+    signed = DeviceConfig(device_id="pi-signed", bundle=tiny_bundle.root, broker_url=mosquitto_broker.url,
+                          key_file=str(keys / "pi-signed.key"))
+    with open_agent(signed) as agent:
+        assert agent.key == good
         assert all(r.ok for r in agent.run_arrays(x))
     assert agent.stats.answered == 4 and agent.stats.bad_frames == 0
     # a device signing with a key the cloud does not hold for it gets no answers (dead-lettered)
-    with DeviceAgent(tiny_bundle.root, mosquitto_broker.url, "pi-forged", key=signing.generate_key(),
-                     timeout=2.0, resend_after=None) as agent:
+    forged = DeviceConfig(device_id="pi-forged", bundle=tiny_bundle.root, broker_url=mosquitto_broker.url,
+                          timeout=2.0, resend_after=0)
+    with DeviceAgent(forged, mqtt_client(forged), key=signing.generate_key()) as agent:
         results = list(agent.run_arrays(x))
     assert [r.error.split(":")[0] for r in results] == ["timeout"] * 4
+
+
+def test_a_keyed_device_drops_unsigned_and_forged_results_and_counts_them(mosquitto_broker, tiny_bundle, tmp_path):
+    """A device holding a key uses a result only with a valid MAC: on its own results topic, an unsigned
+    answer and one signed with another key are counted and dropped; the correctly signed one is used."""
+    from protocol import signing
+    from protocol.frame import Frame, decode_frame, encode_frame, now_us
+
+    key = signing.write_key(tmp_path / "pi-keyed.key")
+    cfg = DeviceConfig(device_id="pi-keyed", fleet="lab", bundle=tiny_bundle.root, broker_url=mosquitto_broker.url,
+                       key_file=str(tmp_path / "pi-keyed.key"), timeout=60, resend_after=0)
+    # a cloud of the test's own: it answers every request three times, in this order, on one topic
+    requests: queue.Queue = queue.Queue()
+    cloud = MqttClient(mosquitto_broker.url)
+    cloud.subscribe(topics.features("lab", "pi-keyed"), lambda t, p: requests.put(p), qos=1)
+    assert cloud.start(wait_connected=10)
+    answers = {"unsigned": None, "forged": signing.generate_key(), "signed": key}
+    label = 3
+
+    def answer_all(n):
+        for _ in range(n):
+            request = decode_frame(requests.get(timeout=30), key=key)      # the device signs what it sends
+            result = Frame.result(request, np.eye(10, dtype=np.float32)[label], t_recv_us=now_us())
+            for k in answers.values():
+                cloud.publish(topics.results("lab", "pi-keyed"), encode_frame(result, key=k), qos=1)
+
+    import threading
+
+    x = np.zeros((4, 28, 28, 1), np.float32)
+    answering = threading.Thread(target=answer_all, args=(len(x),), daemon=True)
+    answering.start()
+    try:
+        with open_agent(cfg) as agent:
+            got = list(agent.run_arrays(x))
+        answering.join(10)
+    finally:
+        cloud.stop()
+    assert [r.index for r in got] == [label] * 4 and all(r.ok for r in got)
+    s = agent.stats
+    assert s.unauthenticated == 8, s.summary()          # one unsigned and one forged answer per request
+    assert (s.answered, s.bad_frames, s.duplicates) == (4, 0, 0)
+    assert "unauthenticated 8" in s.summary()
 
 
 def test_device_with_generated_credentials_over_tls(tiny_bundle, images, open_dir, make_mosquitto, start_worker,

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device.agent import DeviceAgent
+from device.config import DeviceConfig
+from device.transport import open_agent
 from protocol import topics
 from protocol.frame import decode_frame
 from protocol.mqtt import MqttClient
@@ -25,8 +26,8 @@ def test_broker_killed_mid_stream_every_request_answered_once(mosquitto_broker, 
     x, _ = datasets.synthetic_images(2000, seed=5)      # issue 6: a 2,000-frame stream, broker killed mid-way
     start_worker(mosquitto_broker.url, tiny_bundle)
     seen: dict[str, int] = {}
-    with DeviceAgent(tiny_bundle.root, mosquitto_broker.url, "pi-fault", fleet="lab", timeout=120,
-                     resend_after=5.0) as agent:
+    with open_agent(DeviceConfig(device_id="pi-fault", fleet="lab", bundle=tiny_bundle.root,
+                                 broker_url=mosquitto_broker.url, timeout=120, resend_after=5.0)) as agent:
         for r in agent.run_arrays(x, ids=[f"img{i}" for i in range(len(x))]):
             assert r.ok, r.error
             seen[r.input] = seen.get(r.input, 0) + 1
