@@ -12,14 +12,12 @@ flag.  From that one list come:
   (:class:`UsageError`, exit 2), filled from ``edgesplit broker config``'s
   ``broker.json`` where a flag is not given.
 
-Two kinds of run want different defaults, and that is said here once: a service
-(the file) waits for ever, keeps an outbox and a result log in its state
-directory and reads a camera once a second; a one-off ``device run`` (and a
-config built in Python) waits 30 s, keeps nothing on disk unless asked, and reads
-the camera as fast as it goes.
-
-Imports only the standard library at module level: the command line builds its
-parser from this on a Raspberry Pi too.
+Two kinds of run want different defaults, said here once: a service (the file)
+waits for ever, keeps an outbox and a result log in its state directory and reads
+a camera once a second; a one-off ``device run`` (and a config built in Python)
+waits 30 s, keeps nothing on disk unless asked, and reads the camera at its pace.
+Only the standard library at module level: the command line's parser is built
+from this on a Raspberry Pi too.
 """
 from __future__ import annotations
 
@@ -58,13 +56,10 @@ class Setting:
 
 
 def _setting(default, section: str, kind: str, doc: str, *, key: str | None = None, repr: bool = True, **kw):
-    meta = {"setting": (section, key, kind, doc, kw)}
-    if default is dataclasses.MISSING:
-        return dataclasses.field(metadata=meta, repr=repr)
-    return dataclasses.field(default=default, metadata=meta, repr=repr)
+    return dataclasses.field(default=default, repr=repr, metadata={"setting": (section, key, kind, doc, kw)})
 
 
-_REQUIRED = dataclasses.MISSING
+_REQUIRED = dataclasses.MISSING      # no default: must be given
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -496,9 +491,7 @@ def from_flags(given: dict[str, Any]) -> DeviceConfig:
     for name in ("password_file", "ca_file", "key_file", "outbox"):
         if name in v and values[name]:       # given on the command line: from where the user stands
             values[name] = str(cwd / os.path.expanduser(values[name]))
-    values.update(bundle=cwd / os.path.expanduser(str(values["bundle"])), state_dir=Path(values["state_dir"]),
-                  credentials=Path(values["credentials"]) if values["credentials"] else None,
-                  sources=tuple(str(s) for s in values["sources"]),
-                  # an outbox is only worth its disk when the broker also keeps the answers for it
-                  persistent_session=bool(values["outbox"]) or values["persistent_session"])
-    return DeviceConfig(**values)
+    values["bundle"] = cwd / os.path.expanduser(str(values["bundle"]))
+    # an outbox is only worth its disk when the broker also keeps the answers for it
+    values["persistent_session"] = bool(values["outbox"]) or values["persistent_session"]
+    return DeviceConfig(**values)           # which makes paths Paths and sources a tuple

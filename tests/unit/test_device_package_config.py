@@ -152,3 +152,41 @@ def test_abstract_socket_names(tmp_path):
     assert Notifier({"NOTIFY_SOCKET": "@" + name}).status("hello")
     assert server.recv(100) == b"STATUS=hello"
     server.close()
+
+
+def test_the_command_line_builds_the_same_config_and_names_its_flags(tmp_path, monkeypatch):
+    import json
+
+    from device.config import DeviceConfig, flags, from_flags
+    from protocol.errors import UsageError
+
+    monkeypatch.chdir(tmp_path)
+    dev = tmp_path / "devices" / "pi-001"
+    dev.mkdir(parents=True)
+    (dev / "broker.json").write_text(json.dumps({"role": "device", "device_id": "pi-001", "fleet": "lab",
+                                                 "username": "pi-001", "broker_url": "mqtts://b.example:8883"}))
+    none = {name: None for _, name, _, _ in flags()}
+    # the broker config's --out directory and a device id: URL and fleet come from its broker.json
+    cfg = from_flags(none | {"bundle": "b", "credentials": str(tmp_path), "device_id": "pi-001",
+                             "outbox": "box.sqlite", "sources": ["imgs"]})
+    assert (cfg.broker_url, cfg.fleet, cfg.credentials) == ("mqtts://b.example:8883", "lab", dev)
+    assert cfg.bundle == tmp_path / "b" and cfg.outbox_path == tmp_path / "box.sqlite"
+    assert (cfg.timeout, cfg.results, cfg.persistent_session) == (30.0, "", True)   # a one-off run's defaults
+    assert isinstance(cfg, DeviceConfig) and cfg.sources == ("imgs",)
+    for given, words in [({"batch": 0}, "--batch is 0"), ({"device_id": "pi/1"}, "--device-id"),
+                         ({"device_id": "pi-002"}, "does not match the credentials of pi-001")]:
+        with pytest.raises(UsageError) as e:
+            from_flags(none | {"bundle": "b", "credentials": str(dev), "sources": []} | given)
+        assert words in e.value.message and e.value.exit_code == 2
+    with pytest.raises(UsageError, match="no broker given"):
+        from_flags(none | {"bundle": "b", "device_id": "d", "sources": []})
+
+
+def test_a_config_built_in_code_is_checked_too():
+    from device.config import DeviceConfig
+    from protocol.errors import UsageError
+
+    with pytest.raises(UsageError, match="`max_in_flight` is 0"):
+        DeviceConfig(device_id="d", bundle="b", broker_url="mqtt://h:1883", max_in_flight=0)
+    cfg = DeviceConfig(device_id="d", bundle="b", broker_url="mqtt://u:secret@h:1883")
+    assert "secret" not in repr(cfg) and cfg.mqtt_client_id == "edgesplit-default-d"
