@@ -2,9 +2,10 @@
 
 This module only parses arguments, calls one function of the role that owns
 the verb, and reports.  Roles are imported lazily so that ``edgesplit device``
-on a Raspberry Pi never imports TensorFlow.  Errors raised on purpose
-(:class:`protocol.errors.EdgesplitError`) print one message and exit with the
-error's code; a traceback only with ``-v``.
+on a Raspberry Pi never imports TensorFlow.  Every error ends in
+:func:`report_error`: one message, one fix, the error's exit code; a traceback
+only with ``-v`` (accepted before or after the verb).  ``python -m device.service``
+and ``python -m device.doctor`` run this same command.
 """
 from __future__ import annotations
 
@@ -550,7 +551,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=_log_format(args),
                         stream=sys.stderr)
-    from protocol.errors import EdgesplitError
     from runtime.quiet import quiet_libraries
 
     # before any role loads TensorFlow or a LiteRT interpreter (the roles import them lazily)
@@ -558,13 +558,31 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except EdgesplitError as exc:
-        if args.verbose:
-            log.exception("failed")
-        print(f"edgesplit {args.verb}: error: {exc.message}", file=sys.stderr)
-        if exc.fix:
-            print(f"  fix: {exc.fix}", file=sys.stderr)
-        return exc.exit_code
     except KeyboardInterrupt:
         print(f"edgesplit {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - every verb's errors end here, printed one way
+        return report_error(f"edgesplit {args.verb}", exc, verbose=args.verbose)
+
+
+def report_error(prog: str, exc: Exception, *, verbose: bool = False) -> int:
+    """The one error printer of every entry point (``edgesplit``, ``python -m device.service``,
+    ``python -m device.doctor``): one line saying what is wrong, one saying what to do, and the
+    exit code — the error's own (2 a mistake in what was asked, 78 a configuration a service
+    cannot run with, such as a refused broker login), 2 for a file that cannot be read or
+    written, 1 for anything unforeseen.  The traceback only with ``-v``."""
+    from protocol.errors import EdgesplitError
+
+    if verbose:
+        log.error("%s failed", prog, exc_info=exc)
+    if isinstance(exc, EdgesplitError):
+        message, fix, code = exc.message, exc.fix, exc.exit_code
+    elif isinstance(exc, OSError):
+        message, fix, code = str(exc), "check the path and its permissions", 2
+    else:
+        message, fix, code = f"{type(exc).__name__}: {exc}", "this is a bug: run again with -v and report " \
+                                                              "the traceback", 1
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    if fix:
+        print(f"  fix: {fix}", file=sys.stderr)
+    return code
