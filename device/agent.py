@@ -99,7 +99,7 @@ class DeviceAgent:
         self.device_id, self.fleet = config.device_id, config.fleet
         self.bundle = bundle if bundle is not None else load_bundle(config.bundle)
         self.manifest = self.bundle.manifest
-        # checked against the manifest once, here: a head that does not match is a BundleError (exit 78)
+        # checked against the manifest once, here: a head that does not match is a BundleError
         self.head = Head(self.bundle, num_threads=config.threads or None, backend=config.interpreter or None)
         self.preprocessor = Preprocessor(self.manifest.input)
         self.max_in_flight = config.max_in_flight
@@ -213,7 +213,7 @@ class DeviceAgent:
                                bundle_id=p.bundle_id or self.bundle.bundle_id, seq=self._seq,
                                scale=p.scale, zero_point=p.zero_point)
         payload = encode_frame(frame, compress=self.compress, key=self.key)
-        fd = topics.delivery(topics.FEATURES)
+        fd = topics.delivery(topics.FEATURES)       # QoS 1, never retained: a tensor is a private input
         self.client.publish(self.features_topic, payload, qos=fd.qos, retain=fd.retain)
         p.t_sent = time.monotonic()
         p.attempts += 1
@@ -261,6 +261,7 @@ class DeviceAgent:
                                       bundle_id=self.bundle.bundle_id)))
         failed: list[DeviceResult] = []
         if self.outbox is not None:
+            # stored (committed) before it is published: an input the device accepted survives a crash
             entries = [OutboxEntry(rid, p.name, p.bundle_id, p.feature, scale, zp, now_us()) for rid, p in new]
             try:
                 for rid in self.outbox.add(entries):

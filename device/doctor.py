@@ -13,7 +13,7 @@ that is down).  A failed check prints the command that fixes it.  Exit code 0 wh
 nothing failed, 1 otherwise.
 
 Without arguments on a device it checks the installed ``/etc/edgesplit/device.toml``.
-``python -m device.doctor`` works even when the ``edgesplit`` command does not.
+``python -m device.doctor`` runs ``edgesplit doctor`` where the ``edgesplit`` script is not on the PATH.
 """
 from __future__ import annotations
 

@@ -236,7 +236,7 @@ done
     "use 64-bit Raspberry Pi OS with Python 3.11 or 3.13, or build the package with --offline-wheels"
 # -I: nothing from the working directory or PYTHON* variables may stand in for the installed code
 BACKEND=$("$VENV/bin/python" -I -c 'from runtime.interpreter import pick_backend; b = pick_backend(); print(b.name, b.version)' 2>&1) \
-    || die "the venv cannot load a TFLite interpreter: $BACKEND" "run: $VENV/bin/python -I -m device.doctor"
+    || die "the venv cannot load a TFLite interpreter: $BACKEND" "run: $VENV/bin/python -I -m edgesplit doctor"
 say "interpreter: $BACKEND"
 
 # ------------------------------------------------------------------ files
@@ -301,8 +301,8 @@ else
 fi
 
 # ------------------------------------------------------------------ check what was installed
-say "checking: python -m device.doctor --config $ETC/device.toml --skip broker"
-if ! "$VENV/bin/python" -I -m device.doctor --config "$ETC/device.toml" --skip broker; then
+say "checking: edgesplit doctor --config $ETC/device.toml --skip broker"
+if ! "$VENV/bin/python" -I -m edgesplit doctor --config "$ETC/device.toml" --skip broker; then
     die "the installed device does not pass its checks (above)" "follow the fix lines above, then run install.sh again"
 fi
 

@@ -120,7 +120,7 @@ def test_json_output_and_the_module_entry_point(mosquitto_broker, tiny_bundle_di
     proc = doctor("--bundle", str(tiny_bundle_dir), "--broker", mosquitto_broker.url, "--json")
     report = json.loads(proc.stdout)
     assert report["ok"] and {c["name"] for c in report["checks"]} >= {"interpreter", "bundle", "head", "broker"}
-    # `python -m device.doctor` needs nothing but device/ and protocol/
+    # `python -m device.doctor`: the same command where the `edgesplit` script is not on the PATH
     proc = subprocess.run([sys.executable, "-m", "device.doctor", "--bundle", str(tiny_bundle_dir), "--skip", "broker"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
