@@ -1,6 +1,6 @@
 """The cloud role: receive feature frames, batch them, run the tail, answer, dead-letter bad input.
 
-Public names (everything else is private to its module)::
+Public names (each imported on first use; everything else is private to its module)::
 
     Registry, Served          cloud.registry  bundles by id, each with its tail
     MicroBatcher              cloud.batcher   run the tail once for frames that arrive together
@@ -9,10 +9,20 @@ Public names (everything else is private to its module)::
     run_worker, serve, CloudRun               one worker until SIGTERM / N worker processes (`edgesplit cloud`)
     load_keys                 cloud.worker    per-device frame keys for --keys
 """
-from cloud.batcher import MicroBatcher
-from cloud.dedupe import DedupeWindow, Verdict
-from cloud.registry import Registry, Served
-from cloud.worker import CloudRun, Worker, WorkerStats, load_keys, run_worker, serve
+from __future__ import annotations
 
-__all__ = ["Registry", "Served", "MicroBatcher", "DedupeWindow", "Verdict", "Worker", "WorkerStats", "CloudRun",
-           "run_worker", "serve", "load_keys"]
+from protocol.public import public_names
+
+__all__, __getattr__, __dir__ = public_names(__name__, {
+    "Registry": "cloud.registry",
+    "Served": "cloud.registry",
+    "MicroBatcher": "cloud.batcher",
+    "DedupeWindow": "cloud.dedupe",
+    "Verdict": "cloud.dedupe",
+    "Worker": "cloud.worker",
+    "WorkerStats": "cloud.worker",
+    "CloudRun": "cloud.worker",
+    "run_worker": "cloud.worker",
+    "serve": "cloud.worker",
+    "load_keys": "cloud.worker",
+})

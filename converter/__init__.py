@@ -1,13 +1,13 @@
 """The converter role (workstation): datasets, reference models, cut analysis, split, quantize, bundles.
 
-Public names are imported lazily, so ``import converter.datasets`` stays
-TensorFlow-free and fast; ``converter.load_model`` etc. pull Keras in on first use.
+Public names are imported on first use, so ``import converter.datasets`` stays
+TensorFlow-free and fast; ``converter.load_model`` etc. pull Keras in when called for.
 """
 from __future__ import annotations
 
-import importlib
+from protocol.public import public_names
 
-_PUBLIC = {
+__all__, __getattr__, __dir__ = public_names(__name__, {
     "Mnist": "converter.datasets",
     "load_mnist": "converter.datasets",
     "synthetic_images": "converter.datasets",
@@ -21,12 +21,4 @@ _PUBLIC = {
     "list_cuts": "converter.cuts",
     "find_cut": "converter.cuts",
     "format_table": "converter.cuts",
-}
-
-__all__ = sorted(_PUBLIC)
-
-
-def __getattr__(name: str):
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(_PUBLIC[name]), name)
-    raise AttributeError(f"module 'converter' has no attribute {name!r}")
+})

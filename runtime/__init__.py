@@ -1,8 +1,8 @@
 """The split model at run time, wherever it runs: the one place every role runs a bundle.
 
 Never imports TensorFlow (a Raspberry Pi has none); imports ``protocol``, numpy and a
-LiteRT interpreter.  Public names, imported lazily so that the cloud can run a tail
-without Pillow:
+LiteRT interpreter.  Public names (each imported on first use, so that the cloud can run a
+tail without Pillow):
 
 * :class:`Model`, :func:`pick_backend` (``runtime.interpreter``) — the LiteRT interpreter shim
 * :class:`Preprocessor` (``runtime.preprocess``) — images to the head's input, as the manifest says
@@ -10,27 +10,12 @@ without Pillow:
 """
 from __future__ import annotations
 
-import importlib
+from protocol.public import public_names
 
-_PUBLIC = {
+__all__, __getattr__, __dir__ = public_names(__name__, {
     "Model": "runtime.interpreter",
     "pick_backend": "runtime.interpreter",
     "Preprocessor": "runtime.preprocess",
     "Head": "runtime.split",
     "Tail": "runtime.split",
-}
-
-__all__ = sorted(_PUBLIC)
-
-
-def __getattr__(name: str):
-    module = _PUBLIC.get(name)
-    if module is None:
-        raise AttributeError(f"module 'runtime' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_PUBLIC))
+})
