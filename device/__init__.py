@@ -1,7 +1,7 @@
 """The device role (a Raspberry Pi): read inputs, run the head, publish features, receive results.
 
 Never imports TensorFlow.  The head itself runs in :mod:`runtime` (shared with the
-cloud, the converter and the auditor).  Public names, imported lazily:
+cloud, the converter and the auditor).  Public names (each imported on first use):
 
 * :class:`DeviceConfig`, :func:`load_config` (``device.config``) — every setting, defined once
 * :class:`DeviceAgent` (``device.agent``), given its config and a client from :func:`open_agent` /
@@ -12,9 +12,9 @@ cloud, the converter and the auditor).  Public names, imported lazily:
 """
 from __future__ import annotations
 
-import importlib
+from protocol.public import public_names
 
-_PUBLIC = {
+__all__, __getattr__, __dir__ = public_names(__name__, {
     "DeviceConfig": "device.config",
     "load_config": "device.config",
     "DeviceAgent": "device.agent",
@@ -25,19 +25,4 @@ _PUBLIC = {
     "open_inputs": "device.sources",
     "Sample": "device.sources",
     "SqliteOutbox": "device.outbox",
-}
-
-__all__ = sorted(_PUBLIC)
-
-
-def __getattr__(name: str):
-    module = _PUBLIC.get(name)
-    if module is None:
-        raise AttributeError(f"module 'device' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_PUBLIC))
+})
