@@ -351,6 +351,48 @@ def run_audit(args) -> int:
     return 0
 
 
+def add_iplane(sub):
+    p = sub.add_parser("iplane", help="train a model while recording I(X;T), I(Y;T) of every layer: the "
+                                      "information plane over training (Saxe et al.; Tuor et al.'s Fig. 5)",
+                       description="Presets: saxe-tanh, saxe-relu (ibsgd's settings: 10,000 epochs, about 11 h of "
+                                   "training on 2 cores), saxe-tanh-short, saxe-relu-short (100 epochs at lr 0.1, "
+                                   "the same lr x steps), or any zoo model (its recipe, every cut). Ctrl+C stops "
+                                   "after the current step with a snapshot; --resume continues it.")
+    p.add_argument("target", metavar="PRESET|MODEL", help="saxe-tanh, saxe-relu, saxe-tanh-short, saxe-relu-short, "
+                                                          "or a zoo name (e.g. paper-cnn)")
+    p.add_argument("--out", required=True, help="directory for iplane.html/.json/.md, figures and the snapshot")
+    p.add_argument("--resume", action="store_true", help="continue the run whose snapshot is in --out")
+    p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
+    p.add_argument("--lr", type=float, default=None, help="override the learning rate")
+    p.add_argument("--n", type=int, default=None, help="test images the information is measured on")
+    p.add_argument("--sigma2", type=float, default=None, help="KDE noise variance (default 0.1)")
+    p.add_argument("--grid", default=None, help="recorded steps: 'ibsgd' (its epochs) or 'log:K'")
+    p.add_argument("--seed", type=int, default=None, help="makes a run repeatable (default 0)")
+    p.set_defaults(func=run_iplane)
+
+
+def run_iplane(args) -> int:
+    _quiet_tensorflow()
+    from auditor import dynamics
+
+    spec = dynamics.DynamicsSpec.make(args.target, out=args.out, resume=args.resume, epochs=args.epochs, lr=args.lr,
+                                      n=args.n, sigma2=args.sigma2, grid=args.grid, seed=args.seed)
+    try:
+        result = dynamics.run(spec)
+    except dynamics.Stopped as stopped:
+        print(stopped.result.summary(), file=sys.stderr)
+        import shlex
+
+        given = [(f"--{k.replace('_', '-')}", v) for k, v in vars(args).items()
+                 if k in ("epochs", "lr", "n", "sigma2", "grid", "seed") and v is not None]
+        again = shlex.join(["edgesplit", "iplane", args.target, "--out", args.out]
+                           + [str(x) for pair in given for x in pair] + ["--resume"])
+        print(f"edgesplit iplane: {stopped.why}\n  resume with: {again}", file=sys.stderr)
+        return stopped.exit_code
+    print(result.summary())
+    return 0
+
+
 def add_bundle(sub):
     p = sub.add_parser("bundle", help="package a bundle for a target: `edgesplit bundle device` makes a Raspberry "
                                       "Pi device package")
@@ -508,7 +550,7 @@ def run_plan(args) -> int:
     return 0
 
 
-VERBS = [add_train, add_cuts, add_convert, add_demo, add_broker, add_device, add_flash, add_cloud, add_audit, add_bundle, add_doctor, add_profile, add_plan]
+VERBS = [add_train, add_cuts, add_convert, add_demo, add_broker, add_device, add_flash, add_cloud, add_audit, add_iplane, add_bundle, add_doctor, add_profile, add_plan]
 
 
 class _Subparsers(argparse._SubParsersAction):
