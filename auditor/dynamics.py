@@ -308,7 +308,7 @@ def run(spec: DynamicsSpec, *, stop_after_step: int | None = None) -> DynamicsRe
                     if (pending and pending[0] == step) or stop.asked or step == stop_after_step:
                         break
                 seconds["train"] += time.perf_counter() - t0
-                if pending and pending[0] == step:
+                if pending and pending[0] == step and not stop.asked:  # when stopping, the resumed run records it
                     record()
                     pending.pop(0)
                     running = _Mean()
