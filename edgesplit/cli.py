@@ -372,7 +372,6 @@ def add_iplane(sub):
 
 
 def run_iplane(args) -> int:
-    _quiet_tensorflow()
     from auditor import dynamics
 
     spec = dynamics.DynamicsSpec.make(args.target, out=args.out, resume=args.resume, epochs=args.epochs, lr=args.lr,
