@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from auditor.paper import PRESETS, is_paper_model, paper_comparison
+from auditor.paper import PAPER_TABLE1, PRESETS, is_paper_model, paper_comparison
 from protocol.errors import UsageError
 from protocol.tensors import json_default
 
@@ -58,6 +58,7 @@ class AuditSpec:
     decoder_epochs: int = 5
     sigma2: float = 0.1               # KDE noise variance
     kde_method: str = "fast"          # auditor.mi: "fast" (exact pruning) or "plain" (the O(N^2 d) reference)
+    sigma_sweep: bool = True          # auditor.sigma: the KDE bounds of the float features over a grid of sigma^2
     preset: str | None = None
     seed: int = 0
     max_bytes: int | None = None      # budget: int8 bytes sent per input
@@ -164,6 +165,7 @@ class AuditResult:
     versions: dict
     seconds: float
     judge: dict = field(default_factory=dict)
+    sigma: dict = field(default_factory=dict)                 # auditor.sigma.sensitivity: the sigma^2 sweep's reading
     images: dict = field(default_factory=dict, repr=False)    # originals + reconstructions for the grid
     paths: dict = field(default_factory=dict)
 
@@ -184,6 +186,7 @@ class AuditResult:
             "cuts": [c.to_dict() for c in self.cuts],
             "recommendation": self.recommendation,
             "paper_comparison": self.paper,
+            "sigma_sensitivity": self.sigma,
             "judge": self.judge,
             "versions": self.versions,
             "seconds": self.seconds,
@@ -216,6 +219,15 @@ class AuditResult:
             for row in self.paper:
                 lines.append(f"  {row['cut']:<7} paper {row['paper_ixt']:.2f}/{row['paper_iyt']:.2f}  ours "
                              f"{row['ours_ixt']:.2f}/{row['ours_iyt']:.2f}  {row['verdict']}")
+        if self.sigma:
+            from auditor import sigma
+
+            lines.append("")
+            lines.append("where each cut leaves its ceiling (float features, upper bounds, sigma^2 grid "
+                         f"{self.sigma['grid'][0]:.2g} to {self.sigma['grid'][-1]:.4g}):")
+            lines += ["  " + t for t in sigma.leaves_text(self.sigma)]
+            if self.sigma.get("paper_ranking"):
+                lines.append("  " + self.sigma["paper_ranking"]["statement"])
         if self.paths:
             lines.append("")
             lines.append("report: " + ", ".join(str(p) for p in self.paths.values()))
@@ -349,9 +361,12 @@ def _audit_all(spec, t_start, model, model_name, bundle, data, dataset_name, cho
                 "saturation_bits": mi.SATURATION_BITS}
     recommendation = recommend(rows, spec.budgets())
     paper = paper_comparison(rows, ceilings) if is_paper_model(model_name) else None
+    from auditor import sigma
+
+    sigma_info = sigma.sensitivity(rows, spec.sigma2, PAPER_TABLE1 if paper else None)
     result = AuditResult(spec=spec, model_name=model_name, dataset=dataset_name, cuts=rows, input_row=input_row,
                          recommendation=recommendation, paper=paper, ceilings=ceilings, versions=_versions(),
-                         seconds=time.perf_counter() - t_start, judge=judge_info, images=images)
+                         seconds=time.perf_counter() - t_start, judge=judge_info, images=images, sigma=sigma_info)
     if spec.out:
         from auditor.report import write_report
 
@@ -462,6 +477,13 @@ def _audit_cut(spec, model, model_name, cut, depth, bundle, workdir, x_test, y_t
     log.info("cut %s: mutual information", cut.name)
     kde = {"float": _kde(spec, flo, y_test), "int8": _kde(spec, sent.values, y_test)}
     clock.lap("kde")
+    if spec.sigma_sweep:
+        from auditor import sigma
+
+        log.info("cut %s: KDE bounds over sigma^2", cut.name)
+        kde["sigma_sweep"] = sigma.sweep(np.asarray(flo).reshape(len(flo), -1), y_test,
+                                         progress=spec.progress).to_dict()
+        clock.lap("sigma")
     flo_train = features.float_features(model, cut.name, x_dec)
     use = {"float": _usable(flo_train, y_dec, flo, y_test, spec.seed),
            "int8": _usable(sent_train.values, y_dec, sent.values, y_test, spec.seed)}

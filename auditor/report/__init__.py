@@ -18,11 +18,12 @@ SCHEMA = Path(__file__).resolve().parent.parent / "report_schema.json"
 
 def write_report(result, out) -> dict:
     """Write report.html, report.json, report.md (and figures/*.png) into ``out``; return their paths."""
-    from auditor.report import plots
+    from auditor.report import plots, sigma_bands
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figs = plots.draw_all(result)
+    figs.update(sigma_bands.figures(result))
     fig_dir = out / "figures"
     fig_dir.mkdir(exist_ok=True)
     for key, (_, png) in figs.items():
@@ -241,6 +242,8 @@ def _budget_text(b: dict) -> str:
 
 
 def render_html(result, figs: dict) -> str:
+    from auditor.report import sigma_bands
+
     c = result.ceilings
     sub = (f"{_e(result.dataset)} · {len(result.cuts)} cut(s) · N = {c['n']} test images · σ² = "
            f"{result.spec.sigma2:g} · seed {result.spec.seed}"
@@ -250,7 +253,8 @@ def render_html(result, figs: dict) -> str:
         "subtitle": sub,
         "rec_class": "rec" if result.recommendation.get("cut") else "rec none",
         "recommendation": _recommendation_html(result),
-        "paper_section": _paper_section(result),
+        "paper_section": _paper_section(result) + sigma_bands.paper_note_html(result),
+        "sigma_section": sigma_bands.section_html(result, figs),
         "main_table": _main_table(result),
         "table_note": _table_note(result),
         "settings_table": _settings_table(result),
@@ -264,6 +268,8 @@ def render_html(result, figs: dict) -> str:
 # -------------------------------------------------------------------- markdown
 
 def render_markdown(result) -> str:
+    from auditor.report import sigma_bands
+
     c = result.ceilings
     lines = [f"# Leakage audit: {result.model_name}", "",
              f"{result.dataset}, {len(result.cuts)} cut(s), N = {c['n']}, sigma^2 = {result.spec.sigma2:g}, "
@@ -280,6 +286,7 @@ def render_markdown(result) -> str:
                          f"| {p['paper_iyt']:.2f} | {_n(p['ours_iyt'], '.3f')} | {_n(p['ours_int8_iyt'], '.3f')} "
                          f"| {p['verdict']} |")
         lines.append("")
+    lines += sigma_bands.section_markdown(result)
     lines += ["## Every cut", "",
               "| cut | int8 B | head ms | tail ms | acc | KDE I(X;B) f | I(Y;B) f | I(X;B) q | I(Y;B) q "
               "| usable I(Y;B) q | input bits | dCor q | white-box dB / SSIM / model / reader | decoder dB / SSIM / model / reader | budgets |",

@@ -171,3 +171,25 @@ def test_paper_rows_say_why_they_differ():
     assert "exceeds log2 N = 13.2877" in by["conv1"]["verdict"] and "float32" in by["conv1"]["verdict"]
     assert "is the ceiling log2 N = 13.2877, rounded" in by["dense1"]["verdict"]
     assert by["dense2"]["agree"] and "below the ceilings" in by["dense2"]["verdict"]
+
+
+def test_every_cut_gets_its_kde_bounds_over_sigma2_and_where_it_leaves_its_ceiling(tiny_audit):
+    from auditor import sigma
+
+    result, out = tiny_audit
+    report = json.loads((out / "report.json").read_text())
+    sens = report["sigma_sensitivity"]
+    assert sens["grid"] == list(sigma.GRID_DEFAULT) and set(sens["cuts"]) == {"conv1", "pool2", "dense2"}
+    for c in report["cuts"]:
+        sw = c["kde"]["sigma_sweep"]
+        assert all(a >= b for a, b in zip(sw["ixt_upper"], sw["ixt_lower"]))
+        assert all(a >= b for a, b in zip(sw["ixt_upper"], sw["ixt_upper"][1:]))  # falls as sigma^2 grows
+        # the sweep at the audit's sigma^2 is the audit's own figure
+        i = sw["grid"].index(result.spec.sigma2)
+        assert abs(sw["ixt_upper"][i] - c["kde"]["float"]["ixt_upper"]) < 1e-6
+    # conv1 sits on its ceiling at the audit's 0.1 and leaves it at a larger sigma^2
+    assert result.cut("conv1").kde["float"]["saturated"]["ixt_upper"]
+    assert sens["cuts"]["conv1"]["leaves"]["ixt_upper"] > result.spec.sigma2
+    assert (out / "figures" / "sigma_bands.png").stat().st_size > 1000
+    assert "How much the KDE figures depend on sigma^2" in (out / "report.md").read_text()
+    assert "conv1: I(X;B) at sigma^2 = " in result.summary()

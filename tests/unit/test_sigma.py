@@ -41,7 +41,7 @@ def test_both_bounds_fall_monotonically_as_sigma2_grows():
 
 
 def test_the_sweep_equals_the_estimator_at_each_sigma2():
-    t, y = _clusters(n=700, d=40, seed=1)  # more than one block of rows
+    t, y = _clusters(n=1100, d=40, seed=1)  # more than one block of rows
     sw = sigma.sweep(t, y, grid=(1e-3, 0.1, 0.4, 3.2))
     for s in (1e-3, 0.1, 3.2):
         ref = mi.kde_mi(t, y, sigma2=s, method="plain")
