@@ -14,9 +14,14 @@ The modules behind them:
 * ``auditor.invert`` — white-box inversion (eq. 1) and the learned decoder;
 * ``auditor.metrics`` — MSE, PSNR, SSIM, the model's accuracy on reconstructions;
 * ``auditor.mi`` / ``auditor.usable`` — the paper's KDE bound and the measures that do not saturate;
+* ``auditor.sigma`` — the KDE bounds over a grid of noise variances sigma^2, where each layer leaves its ceiling;
+* ``auditor.dynamics`` / ``auditor.compression`` — ``edgesplit iplane``: train while recording every
+  layer's information (Saxe et al.'s network with ibsgd's settings, or a zoo model), snapshots and
+  resume, and where the run compresses;
 * ``auditor.paper`` — Tuor et al.'s Table 1, the tolerance a row of ours agrees within, the presets;
 * ``auditor.features`` — the tensors really sent (LiteRT head → wire frame → dequantized);
-* ``auditor.report`` — report.html / report.json / report.md.
+* ``auditor.report`` — report.html / report.json / report.md (``auditor.report.iplane``: the
+  information plane over training).
 """
 from __future__ import annotations
 
