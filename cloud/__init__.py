@@ -5,7 +5,8 @@ Public names (each imported on first use; everything else is private to its modu
     Registry, Served          cloud.registry  bundles by id, each with its tail
     MicroBatcher              cloud.batcher   run the tail once for frames that arrive together
     DedupeWindow, Verdict     cloud.dedupe    recognise re-sent requests: answer each request once
-    Worker, WorkerStats       cloud.worker    one shared-subscription worker and its counters
+    Worker, WorkerStats       cloud.worker    one worker (frames from cloud.sources: MQTT shared
+                                              subscription or NATS JetStream) and its counters
     run_worker, serve, CloudRun               one worker until SIGTERM / N worker processes (`edgesplit cloud`)
     load_keys                 cloud.worker    per-device frame keys for --keys
 """

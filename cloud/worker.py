@@ -1,7 +1,9 @@
 """The cloud worker: feature frames in, tail results out, bad frames to the dead-letter topic.
 
-Every worker subscribes to ``$share/<group>/edgesplit/v1/<fleet>/+/features``,
-so N workers (processes, hosts) split the devices' frames on the broker.  A
+Every worker takes frames from its source (``cloud.sources``): by default the MQTT shared
+subscription ``$share/<group>/edgesplit/v1/<fleet>/+/features``, so N workers (processes,
+hosts) split the devices' frames on the broker; or, past one broker, a NATS JetStream work-queue
+stream (``--source nats://...``) whose frames are acknowledged only once answered.  A
 frame is decoded (``protocol.frame``; with per-device keys its MAC is checked
 and a ``protocol.signing.ReplayWindow`` refuses replays), checked against the
 bundle it names (``cloud.registry``), recognised if it re-sends a request
@@ -16,7 +18,7 @@ to the dead-letter topic with the reason and is counted; the worker never
 stops on input.  Every received frame is counted exactly once as answered,
 an error result, dead-lettered, or a duplicate.  SIGTERM drains: unsubscribe,
 answer every frame already received, wait for the broker's acknowledgements,
-exit 0.
+exit 0.  Answers always leave over MQTT QoS 1, whatever the source.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ import numpy as np
 from cloud.batcher import MicroBatcher
 from cloud.dedupe import DedupeWindow, Verdict
 from cloud.registry import Registry, Served
+from cloud.sources import open_source
 from protocol import signing, topics
 from protocol.errors import ConfigError, EdgesplitError, FrameError, Reason, TopicError, UsageError
 from protocol.frame import Frame, decode_frame, encode_frame, now_us
@@ -52,6 +55,7 @@ class _Item(NamedTuple):
     topic: str
     payload: bytes
     t_recv_us: int
+    token: object = None        # the source's handle for acknowledging it (NATS); None for MQTT
 
 
 @dataclasses.dataclass
@@ -71,6 +75,9 @@ class WorkerStats:
     republished: int = 0        # of those, answered again with the stored answer
     refused: int = 0            # arrived after a drain had begun and were not taken
     sign_failures: int = 0      # answers for a keyed device that could not be signed: withheld, never sent unsigned
+    redelivered: int = 0        # frames a queue source delivered again (a worker died or could not ack)
+    queue_delivered_seq: int = 0  # a queue source's consumer at close: highest stream sequence delivered ...
+    queue_deliveries: int = 0     # ... and deliveries made (see queue_dropped)
     batches: int = 0            # tail invocations
     batched_frames: int = 0     # frames that went through those invocations
     seconds: float = 0.0
@@ -79,6 +86,14 @@ class WorkerStats:
     @property
     def mean_batch(self) -> float:
         return self.batched_frames / self.batches if self.batches else 0.0
+
+    @property
+    def queue_dropped(self) -> int:
+        """Frames a queue source's stream dropped at its bound before any worker got them (every worker of
+        the group summed: below the delivered sequence, a frame was delivered or dropped)."""
+        if not self.queue_deliveries:
+            return 0
+        return max(0, self.queue_delivered_seq - self.queue_deliveries + self.redelivered)
 
     @property
     def settled(self) -> int:
@@ -91,6 +106,8 @@ class WorkerStats:
         extra = f", refused while draining {self.refused}" if self.refused else ""
         if self.sign_failures:
             extra += f", answers withheld (could not sign) {self.sign_failures}"
+        if self.redelivered or self.queue_dropped:
+            extra += f", redelivered by the queue {self.redelivered}, dropped at its bound {self.queue_dropped}"
         return (f"received {self.received}, answered {self.answered}, dead-lettered {self.dead_lettered} "
                 f"({why}), errors {self.errors}, duplicates {self.duplicates} (re-answered "
                 f"{self.republished}){extra}, batches {self.batches} (mean {self.mean_batch:.1f}), "
@@ -100,6 +117,7 @@ class WorkerStats:
         d = dataclasses.asdict(self)
         d["reasons"] = dict(self.reasons)
         d["mean_batch"] = self.mean_batch
+        d["queue_dropped"] = self.queue_dropped
         return d
 
     @classmethod
@@ -113,7 +131,8 @@ class WorkerStats:
         out = WorkerStats()
         for f in dataclasses.fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)
-            setattr(out, f.name, max(a, b) if f.name == "seconds" else a + b)
+            biggest = f.name in ("seconds", "queue_delivered_seq", "queue_deliveries")   # the latest snapshot
+            setattr(out, f.name, max(a, b) if biggest else a + b)
         return out
 
 
@@ -151,7 +170,8 @@ def load_keys(paths) -> dict[str, bytes]:
 
 
 class Worker:
-    """One MQTT client on the shared subscription, one batching thread, the registry's tails.
+    """One source of frames (``source``: None, the MQTT shared subscription on ``broker``; or a
+    ``nats://`` URL), one MQTT client for the answers, one batching thread, the registry's tails.
 
     ``keys``: per-device frame keys ({device_id: key}, a callable, or one key for all):
     every frame must then carry a valid MAC, strangers are refused, and a
@@ -162,7 +182,8 @@ class Worker:
     def __init__(self, registry: Registry, broker: str, *, group: str = DEFAULT_GROUP, fleet: str = "+",
                  max_batch: int = 32, max_wait_ms: float = 0.0, name: str | None = None,
                  keys: signing.KeySource | None = None, replay_window_s: float | None = DEFAULT_REPLAY_WINDOW_S,
-                 dedupe: DedupeWindow | None = None, stats_every: float = 0.0, **mqtt_options):
+                 dedupe: DedupeWindow | None = None, stats_every: float = 0.0, source: str | None = None,
+                 **mqtt_options):
         self.registry = registry
         self.name = name or _default_name()
         self.keys = keys
@@ -171,7 +192,6 @@ class Worker:
         self.replay = (signing.ReplayWindow(replay_window_s) if keys is not None and replay_window_s
                        else None)
         self.dedupe = dedupe if dedupe is not None else DedupeWindow()
-        self.filter = topics.shared_features(group, fleet)
         self.stats = WorkerStats()
         self._topics: dict[str, tuple[topics.Topic, str]] = {}   # features topic -> (parsed, results topic)
         self._started_at: float | None = None
@@ -180,26 +200,37 @@ class Worker:
         self._sign_failure_logged = False
         mqtt_options.setdefault("client_id", f"edgesplit-cloud-{self.name}")
         self.client = MqttClient(broker, **mqtt_options)
-        self.batcher = MicroBatcher(self._process, max_batch=max_batch, max_wait_s=max_wait_ms / 1000.0,
+        self._published: list = []      # deliveries of the batch being answered (batch thread only)
+        self.source = open_source(source, client=self.client, group=group, fleet=fleet, max_batch=max_batch,
+                                  name=f"edgesplit-cloud-{self.name}", on_fatal=mqtt_options.get("on_fatal"))
+        self.filter = self.source.name
+        self.batcher = MicroBatcher(self._run_batch, max_batch=max_batch, max_wait_s=max_wait_ms / 1000.0,
                                     name=f"batcher-{self.name}")
-        self.client.subscribe(self.filter, self._on_message, qos=1)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, wait_connected: float | None = None) -> bool:
         self._started_at = time.monotonic()
         ok = self.client.start(wait_connected=wait_connected)
+        ok = self.source.start(self._on_message, wait_connected) and ok
         if self._stats_every > 0:
             threading.Thread(target=self._stats_loop, name="stats", daemon=True).start()
         return ok
 
+    @property
+    def ready(self) -> bool:
+        """Connected to the broker and taking frames from the source."""
+        return self.client.connected and self.source.ready
+
     def stop(self, drain_timeout: float = 30.0) -> WorkerStats:
         """Drain: stop new frames at the broker, answer every received one, flush, disconnect."""
         self._stop_stats.set()
-        if self.client.connected:
-            self.client.unsubscribe(self.filter, timeout=min(5.0, drain_timeout))
+        self.source.stop_intake(timeout=min(5.0, drain_timeout))
         if not self.batcher.close(drain_timeout):
             log.warning("worker %s: %d frame(s) still queued after %.0f s of draining",
                         self.name, self.batcher.pending, drain_timeout)
+        self.source.close(timeout=min(10.0, drain_timeout))      # its last acks wait for the answers' PUBACKs
+        for k, v in self.source.counters().items():
+            setattr(self.stats, k, v)
         self.client.stop(timeout=min(10.0, drain_timeout))
         self._touch()
         return self.stats
@@ -212,15 +243,31 @@ class Worker:
         while not self._stop_stats.wait(self._stats_every):
             self._touch()
             log.info("worker %s: %s", self.name, self.stats.line())
+            if self.source.state_line():
+                log.info("worker %s: %s", self.name, self.source.state_line())
 
     # ------------------------------------------------------------------ network thread
-    def _on_message(self, topic: str, payload: bytes) -> None:
+    def _on_message(self, topic: str, payload: bytes, token: object = None) -> bool:
         self.stats.received += 1
-        if not self.batcher.put(_Item(topic, payload, now_us())):
+        if not self.batcher.put(_Item(topic, payload, now_us(), token)):
             self.stats.refused += 1
             log.warning("worker %s is draining; a frame on %s arrived after the unsubscribe", self.name, topic)
+            return False
+        return True
 
     # ------------------------------------------------------------------ batch thread
+    def _run_batch(self, batch: list[_Item]) -> None:
+        """Answer a batch, then let the source acknowledge its frames once the answers are acknowledged."""
+        self._published = []
+        try:
+            self._process(batch)
+        finally:
+            self.source.settle([i.token for i in batch if i.token is not None], self._published)
+
+    def _publish(self, topic: str, payload: bytes, kind: str) -> None:
+        d = topics.delivery(kind)
+        self._published.append(self.client.publish(topic, payload, qos=d.qos, retain=d.retain))
+
     def _process(self, batch: list[_Item]) -> None:
         groups: dict[str, list] = collections.defaultdict(list)
         served_by: dict[str, Served] = {}
@@ -252,8 +299,7 @@ class Worker:
                 self.stats.duplicates += 1
                 if verdict is Verdict.ANSWERED:
                     self.stats.republished += 1
-                    d = topics.delivery(topics.RESULTS)
-                    self.client.publish(stored[0], stored[1], qos=d.qos, retain=d.retain)
+                    self._publish(stored[0], stored[1], topics.RESULTS)
                 log.debug("request %d of %s re-sent: %s", frame.request_id, frame.device_id, verdict.value)
                 continue
             served_by[served.bundle_id] = served
@@ -326,8 +372,7 @@ class Worker:
             else:
                 log.debug("cannot sign the answer to %r: %s", result.device_id, exc.message)
             return False
-        d = topics.delivery(topics.RESULTS)
-        self.client.publish(topic, payload, qos=d.qos, retain=d.retain)
+        self._publish(topic, payload, topics.RESULTS)
         # kept so that a re-send arriving after this moment gets the same answer again
         self.dedupe.answered(result.device_id, result.request_id, topic, payload)
         return True
@@ -339,8 +384,7 @@ class Worker:
         log.debug("dead letter from %s: %s (%s)", item.topic, reason, detail)
         try:
             msg = topics.encode_dead_letter(reason, item.topic, item.payload, detail=detail, worker=self.name)
-            d = topics.delivery(topics.DEAD_LETTER)
-            self.client.publish(topics.dead_letter(fleet, device), msg, qos=d.qos, retain=d.retain)
+            self._publish(topics.dead_letter(fleet, device), msg, topics.DEAD_LETTER)
         except Exception:
             log.exception("could not publish a dead letter for %s", item.topic)
 
@@ -370,9 +414,11 @@ class CloudRun:
     stats: WorkerStats
     per_worker: list[WorkerStats]
     restarted: int = 0        # workers started again after being killed (their counters are lost)
+    source: str | None = None  # a NATS source (None: the shared subscription on the broker)
 
     def summary(self) -> str:
-        lines = [f"cloud: {self.workers} worker(s) on {self.broker} (group {self.group}), bundles "
+        where = f"{self.broker}" if self.source is None else f"{self.source}, answering on {self.broker}"
+        lines = [f"cloud: {self.workers} worker(s) on {where} (group {self.group}), bundles "
                  f"{', '.join(self.bundles)}", f"  total: {self.stats.line()}"]
         if self.restarted:
             lines.append(f"  restarted {self.restarted} killed worker(s); their counters are not in the total")
@@ -381,7 +427,7 @@ class CloudRun:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"broker": self.broker, "group": self.group, "bundles": list(self.bundles), "workers": self.workers,
+        return {"broker": self.broker, "source": self.source, "group": self.group, "bundles": list(self.bundles), "workers": self.workers,
                 "restarted": self.restarted, "total": self.stats.to_dict(),
                 "per_worker": [s.to_dict() for s in self.per_worker]}
 
@@ -421,15 +467,18 @@ def run_worker(bundles: list[str], broker: str, *, group: str = DEFAULT_GROUP, f
             signal.signal(s, h)
         raise
     try:
-        if not worker.start(wait_connected=10):
-            log.warning("worker %s: broker %s not reachable yet; retrying in the background",
+        announced = worker.start(wait_connected=10)
+        if not announced:
+            log.warning("worker %s: broker %s or its source not reachable yet; retrying in the background",
                         worker.name, worker.client.broker)
         else:
             log.info("worker %s ready on %s (%s)", worker.name, worker.client.broker, worker.filter)
         if ready is not None:
             ready(worker)
         while not stop.wait(0.5):
-            pass
+            if not announced and worker.ready:
+                announced = True
+                log.info("worker %s ready on %s (%s)", worker.name, worker.client.broker, worker.filter)
     finally:
         stats = worker.stop()
         for s, h in old.items():
@@ -457,8 +506,13 @@ def _child(kwargs: dict, results) -> None:
 def serve(bundles: list[str], broker: str, *, workers: int = 1, group: str = DEFAULT_GROUP, fleet: str = "+",
           max_batch: int = 32, max_wait_ms: float = 0.0, stats_every: float = 30.0,
           num_threads: int | None = None, keys=None,
-          replay_window_s: float | None = DEFAULT_REPLAY_WINDOW_S, password: str | None = None) -> CloudRun:
-    """``edgesplit cloud``: run ``workers`` worker processes on one shared subscription until SIGTERM.
+          replay_window_s: float | None = DEFAULT_REPLAY_WINDOW_S, password: str | None = None,
+          source: str | None = None) -> CloudRun:
+    """``edgesplit cloud``: run ``workers`` worker processes on one source until SIGTERM.
+
+    ``source``: where the frames come from (``cloud.sources``): None or the broker's own
+    ``mqtt://`` URL for the shared subscription, or ``nats://host:port[,...]`` for a JetStream
+    work queue; the answers go to ``broker`` (MQTT) either way.
 
     ``keys``: a directory of ``<device-id>.key`` files, or such files (a list of paths):
     frames must then be signed by their device (see :func:`load_keys`).  ``password``: the
@@ -470,6 +524,7 @@ def serve(bundles: list[str], broker: str, *, workers: int = 1, group: str = DEF
         raise UsageError("no bundle to serve", fix="pass --bundle DIR_OR_TAR_GZ (several allowed)")
     topics.check_id(group, "share group")
     parse_url(broker, password=password)  # a bad URL fails here, once, not in every child
+    source = _check_source(source, broker)
     if keys is not None:
         keys = load_keys(keys)
         log.info("frames must be signed: keys of %d device(s) loaded", len(keys))
@@ -477,12 +532,12 @@ def serve(bundles: list[str], broker: str, *, workers: int = 1, group: str = DEF
     ids = [load_bundle(b).bundle_id for b in bundles]   # fail here, once, on a bad bundle
     common = dict(bundles=[str(Path(b)) for b in bundles], broker=broker, group=group, fleet=fleet,
                   max_batch=max_batch, max_wait_ms=max_wait_ms, stats_every=stats_every,
-                  num_threads=num_threads, keys=keys, replay_window_s=replay_window_s)
+                  num_threads=num_threads, keys=keys, replay_window_s=replay_window_s, source=source)
     if password is not None:
         common["password"] = password
     if workers == 1:
         stats = run_worker(**common)
-        return CloudRun(str(parse_url(broker)), group, ids, 1, stats, [stats])
+        return CloudRun(str(parse_url(broker)), group, ids, 1, stats, [stats], source=_shown(source))
 
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
@@ -552,4 +607,35 @@ def serve(bundles: list[str], broker: str, *, workers: int = 1, group: str = DEF
     if problems:
         raise EdgesplitError(problems[0][1], fix=problems[0][2])
     total = sum(per, WorkerStats())
-    return CloudRun(str(parse_url(broker)), group, ids, workers, total, per, restarted=restarted)
+    return CloudRun(str(parse_url(broker)), group, ids, workers, total, per, restarted=restarted,
+                    source=_shown(source))
+
+
+def _check_source(source: str | None, broker: str) -> str | None:
+    """None for the broker's shared subscription; a checked ``nats://`` URL; a UsageError otherwise."""
+    from cloud.sources import is_nats_url
+
+    if source is None:
+        return None
+    if is_nats_url(source):
+        from cloud.sources.nats import parse_nats_url
+
+        parse_nats_url(source)
+        return source
+    if source.split("://", 1)[0].lower() in ("mqtt", "mqtts"):
+        if parse_url(source) != parse_url(broker):
+            raise UsageError(f"--source {parse_url(source)} is another MQTT broker than --broker {parse_url(broker)}",
+                             fix="the shared subscription is on the broker the answers go to: drop --source, or "
+                                 "give the same URL to both")
+        return None
+    raise UsageError(f"--source {source!r} is neither an MQTT nor a NATS URL",
+                     fix="mqtt://host:1883 (the shared subscription) or nats://host:4222[,host:4222...] "
+                         "(a JetStream work queue)")
+
+
+def _shown(source: str | None) -> str | None:
+    if source is None:
+        return None
+    from cloud.sources.nats import parse_nats_url
+
+    return str(parse_nats_url(source))

