@@ -449,7 +449,6 @@ def build_device_package(bundle: str | os.PathLike, out: str | os.PathLike, *, c
     srcs = list(cfg.inputs)
     camera = bool(cfg.cameras)
 
-    import edgesplit  # noqa: F401 - the package must be importable to be packaged
     folder = f"edgesplit-device-{dev}"
     with tempfile.TemporaryDirectory(prefix="edgesplit-pkg-") as tmp:
         wheels_dir = Path(tmp) / "wheels"
