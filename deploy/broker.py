@@ -415,11 +415,33 @@ def serve(host: str | None = None, port: int | None = None, *, mosquitto: bool =
 
 
 def configure(out, *, devices: int | None = None, device_ids=None, fleet: str = "default",
-              cloud_users=None, hostnames=None, port: int = 8883, bind: str | None = None,
-              tls_cert=None, tls_key=None, ca=None, broker_dir=None, rotate: bool = False):
+              cloud_users=None, hostnames=None, port: int | None = None, bind: str | None = None,
+              tls_cert=None, tls_key=None, ca=None, broker_dir=None, rotate: bool = False,
+              gateways=None, bridge: str | None = None, password_file=None):
     """``edgesplit broker config``: a production Mosquitto configuration for ``devices`` (a count:
-    pi-001 …) or ``device_ids``; returns :class:`deploy.broker_config.BrokerConfig` (``summary()``)."""
+    pi-001 …) or ``device_ids``; returns :class:`deploy.broker_config.BrokerConfig` (``summary()``).
+
+    With ``bridge`` (the cloud broker's URL): an edge broker bridged to it instead
+    (:mod:`deploy.bridge`; ``gateways``: its one name, ``password_file``/``ca``: its login to the cloud).
+    """
     from deploy import broker_config
+
+    if bridge is not None:
+        from deploy import bridge as edge
+
+        if devices is not None or device_ids or cloud_users or tls_cert or tls_key or hostnames or rotate:
+            raise UsageError("the edge broker bridges the whole fleet: --devices, --device, --cloud-user, "
+                             "--hostname, --tls-cert/--tls-key and --rotate are for the cloud broker",
+                             fix="edgesplit broker config --bridge URL --out DIR [--fleet F] [--gateway NAME] "
+                                 "[--password-file FILE] [--ca CLOUD_CA] [--port 1883] [--bind 127.0.0.1]")
+        if gateways and len(gateways) > 1:
+            raise UsageError("one edge broker has one bridge: give one --gateway name")
+        return edge.write_bridge_config(out, bridge, fleet=fleet, gateway=(gateways or [None])[0],
+                                        password_file=password_file, ca=ca, listen_port=port or 1883,
+                                        bind=bind or "127.0.0.1", broker_dir=broker_dir)
+    if password_file:
+        raise UsageError("--password-file is the bridge's login to the cloud broker", fix="use it with --bridge")
+    port = 8883 if port is None else port
 
     if (devices is None) == (not device_ids):
         raise UsageError("say which devices the broker serves, one way",
@@ -431,4 +453,4 @@ def configure(out, *, devices: int | None = None, device_ids=None, fleet: str = 
     return broker_config.write_broker_config(
         out, ids, fleet=fleet, cloud_users=tuple(cloud_users or ("cloud",)), tls_cert=tls_cert, tls_key=tls_key,
         ca=ca, hostnames=tuple(hostnames or ("localhost",)), port=port, bind=bind, broker_dir=broker_dir,
-        rotate=rotate)
+        rotate=rotate, gateways=tuple(gateways or ()))

@@ -12,6 +12,7 @@
       ca/ca.key (0600)        signs server certificates; never needed on the broker
       devices/<id>/           what to flash on one device: broker.json, password (0600), ca.crt
       cloud/<user>/           the same for a cloud worker's user
+      gateways/<name>/        the same for an edge broker's bridge (``gateways``: see deploy.bridge)
 
 The ACL names every device explicitly (no ``%u`` patterns): a reader sees
 exactly who may do what, and a user name that is not in the file gets nothing.
@@ -80,6 +81,7 @@ class BrokerConfig:
     own_certificate: bool     # the user supplied the server certificate
     created: tuple[str, ...]  # what this run made anew (CA, server certificate, passwords)
     stale: tuple[str, ...]    # credential directories of users no longer in the config
+    gateways: tuple[str, ...] = ()   # edge brokers' bridges: write the fleet's features/status, read its results
 
     def credentials_dir(self, user: str) -> Path:
         """Directory holding ``user``'s broker.json, password and ca.crt."""
@@ -87,6 +89,8 @@ class BrokerConfig:
             return self.out_dir / "devices" / user
         if user in self.cloud_users:
             return self.out_dir / "cloud" / user
+        if user in self.gateways:
+            return self.out_dir / "gateways" / user
         raise UsageError(f"{user!r} is not a user of this broker configuration",
                          fix=f"devices: {', '.join(self.devices)}; cloud users: {', '.join(self.cloud_users)}")
 
@@ -107,6 +111,9 @@ class BrokerConfig:
         if self.stale:
             lines.append(f"  stale    : credentials of {', '.join(self.stale)} are no longer accepted "
                          f"(delete their directories when those devices are gone)")
+        if self.gateways:
+            lines.append(f"  gateways : {', '.join(self.gateways)}: give {self.out_dir / 'gateways'}/<name>/ to "
+                         f"`edgesplit broker config --bridge` on the edge (docs/broker.md, 'At the edge')")
         lines += [f"  devices  : flash {self.out_dir / 'devices'}/<id>/ onto each device",
                   f"  cloud    : give {self.out_dir / 'cloud'}/<user>/ to the cloud workers",
                   f"  run      : edgesplit broker --mosquitto --config {self.broker_dir}"
@@ -355,7 +362,7 @@ def _results_filter(fleet: str) -> str:
     return base[: -len(topics.FEATURES)] + topics.RESULTS
 
 
-def render_acl(fleet: str, devices: Sequence[str], cloud_users: Sequence[str]) -> str:
+def render_acl(fleet: str, devices: Sequence[str], cloud_users: Sequence[str], gateways: Sequence[str] = ()) -> str:
     """The ACL file: one ``user`` block per device and cloud user; all else denied."""
     out = [f"# edgesplit ACL for fleet {fleet!r}: written by `edgesplit broker config`; re-run it, do not edit.",
            "# Mosquitto denies whatever no line below allows. A $share/<group>/<filter> subscription",
@@ -372,6 +379,12 @@ def render_acl(fleet: str, devices: Sequence[str], cloud_users: Sequence[str]) -
                 f"topic read {topics.all_features(fleet)}",
                 f"topic write {_results_filter(fleet)}",
                 f"topic write {topics.all_dead_letters(fleet)}",
+                ""]
+    for g in gateways:          # an edge broker's bridge speaks for every device behind it
+        out += [f"user {g}",
+                f"topic write {topics.all_features(fleet)}",
+                f"topic write {topics.PREFIX}/{fleet}/+/{topics.STATUS}",
+                f"topic read {_results_filter(fleet)}",
                 ""]
     return "\n".join(out)
 
@@ -446,7 +459,7 @@ def write_broker_config(out_dir, devices: Iterable[str], fleet: str = "default",
                         hostnames: Sequence[str] = ("localhost",), port: int = 8883, *, bind: str | None = None,
                         broker_dir=None, broker_user: str | None = "mosquitto", rotate: bool = False,
                         max_packet_size: int = DEFAULT_MAX_PACKET,
-                        max_queued_messages: int = 10000) -> BrokerConfig:
+                        max_queued_messages: int = 10000, gateways: Sequence[str] = ()) -> BrokerConfig:
     """Write a production Mosquitto configuration for ``devices`` of ``fleet`` into ``out_dir``.
 
     ``tls_cert``/``tls_key`` (and optionally ``ca``) use your own certificate instead of
@@ -455,6 +468,10 @@ def write_broker_config(out_dir, devices: Iterable[str], fleet: str = "default",
     """
     fleet = topics.check_id(fleet, "fleet id")
     devs, cloud = _check_users(list(devices), list(cloud_users))
+    gws = tuple(topics.check_id(g, "gateway name") for g in gateways)
+    if set(gws) & (set(devs) | set(cloud)) or len(set(gws)) != len(gws):
+        raise UsageError(f"gateway names {', '.join(gws)} repeat or clash with a device or cloud user",
+                         fix="give every broker user (device, cloud user, gateway) its own name")
     hostnames = tuple(hostnames)
     if not hostnames or not all(isinstance(h, str) and h and not any(c.isspace() for c in h) for h in hostnames):
         raise UsageError(f"host names {hostnames!r} are not usable", fix="give the names devices dial, e.g. "
@@ -518,9 +535,9 @@ def write_broker_config(out_dir, devices: Iterable[str], fleet: str = "default",
     host = hostnames[0]
     url = f"mqtts://{'[' + host + ']' if ':' in host else host}:{port}"
     passwd_lines, new_pw = [], []
-    for role, users in (("device", devs), ("cloud", cloud)):
+    for role, users in (("device", devs), ("cloud", cloud), ("gateway", gws)):
         for user in users:
-            cdir = out / ("devices" if role == "device" else "cloud") / user
+            cdir = out / {"device": "devices", "cloud": "cloud", "gateway": "gateways"}[role] / user
             pw_file = cdir / "password"
             password = pw_file.read_text().strip() if pw_file.is_file() and not rotate else ""
             if not password:
@@ -539,6 +556,8 @@ def write_broker_config(out_dir, devices: Iterable[str], fleet: str = "default",
                 info.update(device_id=user, client_id=f"edgesplit-{fleet}-{user}",
                             topics={"features": topics.features(fleet, user), "status": topics.status(fleet, user),
                                     "results": topics.results(fleet, user)})
+            elif role == "gateway":
+                info.update(topics={"features": topics.all_features(fleet), "results": _results_filter(fleet)})
             else:
                 info.update(topics={"features": topics.all_features(fleet),
                                     "results": _results_filter(fleet),
@@ -547,7 +566,7 @@ def write_broker_config(out_dir, devices: Iterable[str], fleet: str = "default",
     if new_pw:
         created.append(f"passwords for {_short_list(new_pw)}")
     _write(bdir / "passwd", "\n".join(passwd_lines) + "\n", 0o600)
-    _write(bdir / "acl", render_acl(fleet, devs, cloud))
+    _write(bdir / "acl", render_acl(fleet, devs, cloud, gws))
     (bdir / "data").mkdir(parents=True, exist_ok=True)
     conf = render_conf(installed, fleet=fleet, port=port, bind=bind, has_ca=ca_pem is not None,
                        broker_user=broker_user, max_packet_size=max_packet_size,
@@ -555,13 +574,13 @@ def write_broker_config(out_dir, devices: Iterable[str], fleet: str = "default",
     _write(bdir / CONF_NAME, conf)
     _chown_for_broker(bdir, broker_user)
 
-    stale = tuple(sorted(p.name for kind, keep in (("devices", devs), ("cloud", cloud))
+    stale = tuple(sorted(p.name for kind, keep in (("devices", devs), ("cloud", cloud), ("gateways", gws))
                          if (out / kind).is_dir() for p in (out / kind).iterdir()
                          if p.is_dir() and p.name not in keep))
     result = BrokerConfig(out_dir=out, broker_dir=bdir, installed_dir=installed, conf_path=bdir / CONF_NAME,
                           fleet=fleet, port=port, hostnames=hostnames, broker_url=url, devices=devs,
                           cloud_users=cloud, ca_path=(bdir / "ca.crt") if ca_pem is not None else None,
-                          own_certificate=own, created=tuple(created), stale=stale)
+                          own_certificate=own, created=tuple(created), stale=stale, gateways=gws)
     log.info("wrote %s", result.conf_path)
     return result
 
@@ -575,7 +594,7 @@ def find_conf(config_dir) -> Path:
     d = Path(config_dir)
     if d.is_file() and d.name.endswith(".conf"):
         return d
-    for cand in (d / CONF_NAME, d / "broker" / CONF_NAME):
+    for cand in (d / CONF_NAME, d / "broker" / CONF_NAME, d / "edge" / CONF_NAME):
         if cand.is_file():
             return cand
     raise UsageError(f"no {CONF_NAME} in {d}",

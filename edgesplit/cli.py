@@ -136,9 +136,11 @@ def add_broker(sub):
                                 "passwords, per-device ACL, credentials to flash (docs/broker.md)",
                            description="Writes DIR/broker (mosquitto.conf, certificates, passwd, acl), DIR/ca, "
                                        "DIR/devices/<id> and DIR/cloud/<user>. Re-running keeps the CA, the "
-                                       "certificate and every password; --rotate makes new ones.")
+                                       "certificate and every password; --rotate makes new ones. With --bridge "
+                                       "URL: DIR/edge, an edge broker (a gateway, or the Pi itself) bridged to "
+                                       "that cloud broker.")
     c.add_argument("--out", required=True, metavar="DIR", help="directory to write (re-run to add devices)")
-    who = c.add_mutually_exclusive_group(required=True)
+    who = c.add_mutually_exclusive_group(required=False)     # one of them, unless --bridge
     who.add_argument("--devices", type=int, metavar="N", help="N devices named pi-001 ... pi-N")
     who.add_argument("--device", nargs="+", dest="device_ids", metavar="ID", help="devices by id")
     c.add_argument("--fleet", default="default", help="fleet id (default: default)")
@@ -147,13 +149,23 @@ def add_broker(sub):
     c.add_argument("--hostname", action="extend", nargs="+", dest="hostnames", metavar="NAME",
                    help="names/addresses devices dial, put in the server certificate (default: localhost); "
                         "the first goes into the devices' broker URL")
-    c.add_argument("--port", type=int, default=8883, dest="config_port", metavar="PORT",
-                   help="TLS port (default 8883)")
+    c.add_argument("--port", type=int, default=None, dest="config_port", metavar="PORT",
+                   help="TLS port (default 8883); with --bridge the edge broker's port for devices (default 1883)")
     c.add_argument("--bind", default=None, metavar="ADDR", help="listen on this address only (default: all)")
     c.add_argument("--tls-cert", default=None, metavar="PEM", help="your own server certificate (with --tls-key)")
     c.add_argument("--tls-key", default=None, metavar="PEM", help="its unencrypted private key")
     c.add_argument("--ca", default=None, metavar="PEM",
-                   help="with --tls-cert: the CA clients should trust (default: their system trust store)")
+                   help="with --tls-cert: the CA clients should trust (default: their system trust store); "
+                        "with --bridge: the CA of the cloud broker's certificate")
+    c.add_argument("--gateway", action="extend", nargs="+", dest="gateways", metavar="NAME",
+                   help="a user for an edge broker's bridge (writes the fleet's features and status, reads its "
+                        "results); with --bridge: this bridge's name (default: the URL's user)")
+    c.add_argument("--bridge", default=None, metavar="URL",
+                   help="write an edge broker (a gateway, or the Pi itself) bridged to this cloud broker, e.g. "
+                        "mqtts://gw-01@broker.example:8883: devices publish to it, features and status go to the "
+                        "cloud, results come back, a local queue rides out WAN cuts (docs/broker.md, 'At the edge')")
+    c.add_argument("--password-file", default=None, metavar="FILE",
+                   help="with --bridge: the bridge's password for the cloud broker (first line)")
     c.add_argument("--broker-dir", default=None, metavar="DIR",
                    help="where the broker files will live on the broker host (paths in mosquitto.conf)")
     c.add_argument("--rotate", action="store_true", help="new CA, certificate and passwords for everyone")
@@ -195,7 +207,8 @@ def run_broker_config(args) -> int:
     result = broker.configure(args.out, devices=args.devices, device_ids=args.device_ids, fleet=args.fleet,
                               cloud_users=args.cloud_users, hostnames=args.hostnames, port=args.config_port,
                               bind=args.bind, tls_cert=args.tls_cert, tls_key=args.tls_key, ca=args.ca,
-                              broker_dir=args.broker_dir, rotate=args.rotate)
+                              broker_dir=args.broker_dir, rotate=args.rotate, gateways=args.gateways,
+                              bridge=args.bridge, password_file=args.password_file)
     print(result.summary())
     return 0
 

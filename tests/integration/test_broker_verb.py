@@ -184,7 +184,7 @@ def test_broker_config_then_run_it_with_tls(open_dir, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (("--mosquitto", "config", "--out", "X", "--devices", "2"), "--mosquitto is for running a broker"),
     (("--port", "1884", "config", "--out", "X", "--devices", "2"), "--port is for running a broker"),
-    (("config", "--out", "X"), "one of the arguments --devices --device is required"),
+    (("config", "--out", "X"), "say which devices the broker serves"),   # (or --bridge URL)
     (("config", "--out", "X", "--devices", "2", "--device", "a"), "not allowed with"),
     (("config", "--out", "X", "--devices", "2", "--tls-key", "k.pem"), "needs both --tls-cert and --tls-key"),
     (("--config", "X"), "add --mosquitto"),
