@@ -19,11 +19,11 @@ let the bridge's user write the fleet's ``features``/``status`` and read its ``r
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import shutil
 from pathlib import Path
 
-from deploy.broker import is_loopback
 from protocol import topics
 from protocol.errors import UsageError
 from protocol.mqtt.url import parse_url, read_password_file
@@ -33,6 +33,14 @@ log = logging.getLogger(__name__)
 CONF_NAME = "mosquitto.conf"
 EDGE_DIR = "edge"
 DEFAULT_QUEUE = 100_000       # frames the edge keeps for the cloud while the link is down (~150 MB of pool2)
+
+
+def is_loopback(host: str) -> bool:
+    # (deploy.broker has the same test; it imports this module, so this one cannot import it)
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclasses.dataclass(frozen=True)
