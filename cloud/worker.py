@@ -183,7 +183,7 @@ class Worker:
                  max_batch: int = 32, max_wait_ms: float = 0.0, name: str | None = None,
                  keys: signing.KeySource | None = None, replay_window_s: float | None = DEFAULT_REPLAY_WINDOW_S,
                  dedupe: DedupeWindow | None = None, stats_every: float = 0.0, source: str | None = None,
-                 **mqtt_options):
+                 probe: bool = True, **mqtt_options):
         self.registry = registry
         self.name = name or _default_name()
         self.keys = keys
@@ -196,6 +196,7 @@ class Worker:
         self._topics: dict[str, tuple[topics.Topic, str]] = {}   # features topic -> (parsed, results topic)
         self._started_at: float | None = None
         self._stats_every = stats_every
+        self._probe = probe             # measure the broker round trip at start-up (protocol.mqtt.probe)
         self._stop_stats = threading.Event()
         self._sign_failure_logged = False
         mqtt_options.setdefault("client_id", f"edgesplit-cloud-{self.name}")
@@ -211,6 +212,10 @@ class Worker:
     def start(self, wait_connected: float | None = None) -> bool:
         self._started_at = time.monotonic()
         ok = self.client.start(wait_connected=wait_connected)
+        if ok and self._probe:
+            from protocol.mqtt.probe import probe_like
+
+            probe_like(self.client, f"worker {self.name}")      # warns when the broker looks like Nagle
         ok = self.source.start(self._on_message, wait_connected) and ok
         if self._stats_every > 0:
             threading.Thread(target=self._stats_loop, name="stats", daemon=True).start()

@@ -164,6 +164,10 @@ class DeviceAgent:
         self._t_start = time.monotonic()
         if not self.client.start(wait_connected=self.connect_timeout):
             log.warning("broker %s not reachable yet; inputs are queued and sent once it is", self.client.broker)
+        else:
+            from protocol.mqtt.probe import probe_like
+
+            probe_like(self.client, f"device {self.device_id}")    # warns when the broker looks like Nagle
         self._connects_seen = self.stats.connects = self.client.connects
         self._recover_outbox()
         return self

@@ -406,6 +406,21 @@ class _Doctor:
         auth = f"as {b.username!r}" if b.username else "anonymously"
         self.add("broker", OK, f"{b}: MQTT connect accepted {auth}"
                                f"{' over TLS' if b.tls else ''} (TCP {tcp_ms:.0f} ms)")
+        # 3. one message through the broker and back, one at a time: Nagle's algorithm shows here
+        from protocol.mqtt.probe import nagle_advice, round_trip_ms
+
+        rtts = round_trip_ms(url, timeout=self.timeout, client_id=f"edgesplit-doctor-{dev}-{uuid.uuid4().hex[:6]}",
+                             **kw)
+        if not rtts:
+            self.add("round trip", SKIP, "could not measure: no probe message came back (the broker's ACL keeps "
+                                         "edgesplit/v1/_probe/... out)")
+            return
+        advice = nagle_advice(rtts, b.host)
+        med = sorted(rtts)[len(rtts) // 2]
+        if advice:
+            self.add("round trip", FAIL, advice.split(". Fix: ")[0], advice.split(". Fix: ")[1])
+        else:
+            self.add("round trip", OK, f"a message through the broker and back: {med:.1f} ms (median of {len(rtts)})")
 
     def run(self) -> DoctorReport:
         t0 = time.monotonic()
