@@ -29,7 +29,7 @@ epoch); the ``-short`` presets run the same network, data, batch size and estima
 epochs at lr 0.1: the same learning-rate x steps (0.1 x 100 = 0.001 x 10,000), i.e. the same
 time of the gradient flow SGD follows, with 100 times SGD's noise scale lr/batch.  Saxe et al.
 find tanh compression with full-batch gradient descent too, so the noise is not what makes it.
-They record 31 log-spaced steps instead of ibsgd's 144 epochs (one record of the five layers
+They record 30 log-spaced steps instead of ibsgd's 144 epochs (one record of the five layers
 at N = 10,000 costs 15-80 s of KDE here), and the report colours them by ibsgd-equivalent
 epoch (epoch x lr / 0.001).  Any zoo model can be recorded too (its own recipe; every cut).
 """
@@ -59,7 +59,7 @@ _SAXE = dict(model="saxe-mlp", optimizer="sgd", batch_size=128, n=10_000, sigma2
 PRESETS = {
     "saxe-tanh": dict(_SAXE, activation="tanh", epochs=10_000, lr=SAXE_LR),
     "saxe-relu": dict(_SAXE, activation="relu", epochs=10_000, lr=SAXE_LR),
-    # 31 records instead of 144: at N = 10,000 one record of the five layers costs 15-80 s here
+    # 30 records instead of 144: at N = 10,000 one record of the five layers costs 15-80 s here
     "saxe-tanh-short": dict(_SAXE, activation="tanh", epochs=100, lr=0.1, grid="log:30"),
     "saxe-relu-short": dict(_SAXE, activation="relu", epochs=100, lr=0.1, grid="log:30"),
 }

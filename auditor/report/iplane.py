@@ -2,8 +2,10 @@
 
 ``figures/iplane.png`` is drawn as ibsgd draws Saxe et al.'s plots (and Tuor et al. their
 Fig. 5): every layer's KDE upper bounds at every recorded epoch, coloured by epoch
-(``gnuplot`` colour map, linear in epochs), the layers of one epoch joined by a faint line,
-each layer's path over training as one curve; the ceilings dashed.
+(``gnuplot`` colour map), the layers of one epoch joined by a faint line, each layer's path
+over training as one curve; the ceilings dashed.  ibsgd's colour scale is linear in epochs,
+which paints the first tenth of training (where the records are dense) black; ours is
+logarithmic, so the fitting phase and the late phase both show.
 ``figures/iplane_epochs.png``: I(X;T) and I(Y;T) against epoch, the band between the lower
 and the upper bound for every layer.
 """
@@ -41,10 +43,11 @@ def _epochs(result):
     return np.array([r["epoch_equiv"] for r in result.records], dtype=float)
 
 
-def _epoch_label(result) -> str:
+def _epoch_label(result, short: bool = False) -> str:
     s = result.spec
     if s.model == "saxe-mlp" and s.lr != 0.001:
-        return f"epoch, ibsgd-equivalent (epoch x lr / 0.001; this run: lr {s.lr:g}, {s.epochs} epochs)"
+        return ("ibsgd-equivalent epoch" if short else
+                f"epoch, ibsgd-equivalent (epoch x lr / 0.001; this run: lr {s.lr:g}, {s.epochs} epochs)")
     return "epoch"
 
 
@@ -60,7 +63,10 @@ def information_plane(result) -> bytes:
     ys = np.array([[r["layers"][nm]["iyt_upper"] for nm in names] for r in result.records])
     fig, ax = plt.subplots(figsize=(6.6, 4.8))
     cmap = plt.get_cmap("gnuplot")
-    norm = plt.Normalize(vmin=0, vmax=max(float(epochs.max()), 1.0))
+    positive = epochs[epochs > 0]
+    low = float(positive.min()) / 2 if len(positive) else 0.5
+    epochs = np.maximum(epochs, low)  # the untrained record gets the darkest colour
+    norm = matplotlib_colors().LogNorm(vmin=low, vmax=max(float(epochs.max()), low * 2))
     for i in range(len(epochs)):  # the layers of one epoch, as ibsgd joins them
         ax.plot(xs[i], ys[i], color=cmap(norm(epochs[i])), alpha=0.12, lw=0.8, zorder=1)
     for j, nm in enumerate(names):  # one curve per layer, coloured by epoch along it
@@ -79,13 +85,19 @@ def information_plane(result) -> bytes:
     ax.text(c["log2_n"], 0.02, " log2 N", rotation=90, va="bottom", ha="right", fontsize=8, color="#555555")
     ax.text(0.2, c["h_y"], "H(Y)", va="bottom", fontsize=8, color="#555555")
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=norm)
-    fig.colorbar(sm, ax=ax, label=_epoch_label(result))
+    fig.colorbar(sm, ax=ax, label=_epoch_label(result, short=True) + " (log scale)")
     ax.set_xlabel("I(X;T), KDE upper bound, bits")
     ax.set_ylabel("I(Y;T), KDE upper bound, bits")
     s = result.spec
     ax.set_title(f"{s.target}: information plane over training (N = {c['n']}, σ² = {s.sigma2:g})", fontsize=10)
     ax.grid(alpha=0.3)
     return _png(fig)
+
+
+def matplotlib_colors():
+    import matplotlib.colors
+
+    return matplotlib.colors
 
 
 def _final_labels(names, xs, ys, span_x, span_y, near=0.03):
@@ -132,7 +144,8 @@ def write(result, out) -> dict:
     """Write iplane.json, iplane.md, iplane.html and figures/ into ``out``; return their paths."""
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    figs = {"iplane": ("Information plane over training (Fig. 5-like)", information_plane(result)),
+    figs = {"iplane": (f"Information plane over training (Fig. 5-like); colour: {_epoch_label(result)}",
+                       information_plane(result)),
             "iplane_epochs": ("I(X;T) and I(Y;T) over training, lower to upper bound", over_epochs(result))}
     for key, (_, png) in figs.items():
         (out / "figures" / f"{key}.png").write_bytes(png)

@@ -97,3 +97,18 @@ def test_ctrl_c_stops_with_a_snapshot_and_says_how_to_resume(tmp_path):
     assert cli.main([*args, "--resume"]) == 0
     report = json.loads((out / "iplane.json").read_text())
     assert report["complete"] and report["records"][-1]["step"] == 6 * 63
+
+
+def test_the_saxe_network_learns_mnist_with_ibsgds_optimiser_and_says_its_epochs_in_ibsgds(mnist, tmp_path):
+    """One epoch of the short preset (lr 0.1 = 100 ibsgd epochs of lr 0.001), measured on 200 test images."""
+    from auditor import dynamics
+
+    spec = dynamics.DynamicsSpec.make("saxe-tanh-short", epochs=1, n=200, grid="log:3", out=str(tmp_path),
+                                      progress=False)
+    res = dynamics.run(spec)
+    assert [(layer["name"], layer["units"]) for layer in res.layers] == \
+        [("fc1", 1024), ("fc2", 20), ("fc3", 20), ("fc4", 20), ("softmax", 10)]
+    assert res.steps_per_epoch == 469 and res.records[-1]["step"] == 469
+    assert res.records[-1]["epoch_equiv"] == pytest.approx(100.0)  # lr x steps as ibsgd's 100 epochs at 0.001
+    assert res.records[-1]["test_accuracy"] > 0.85
+    assert "ibsgd-equivalent epoch" in (tmp_path / "iplane.md").read_text()
