@@ -34,7 +34,7 @@ def test_report_html_is_self_contained(report_dir):
     out, _ = report_dir
     page = (out / "report.html").read_text()
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page), "the report must not load anything"
-    assert page.count("data:image/png;base64,") == 4
+    assert page.count("data:image/png;base64,") == 5  # grid, plane, cost, measures, sigma^2 bands
     assert "Recommended cut" in page and "saturated" in page
 
 
