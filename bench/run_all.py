@@ -27,6 +27,7 @@ BENCHES = [
     ("echo", "bench_echo.py", "the broker ceiling: bare MQTT echo over loopback"),
     ("e2e", "bench_e2e.py", "end to end through Mosquitto, loopback and shaped links, planner check"),
     ("cloud", "bench_cloud.py", "cloud worker frames/s, micro-batching, one and two workers"),
+    ("scale", "bench_scale.py", "pipeline and worker efficiency, a gRPC peer, 1/2/4 workers on Mosquitto and NATS, Nagle"),
     ("outbox", "bench_outbox.py", "the device outbox's cost"),
     ("mobilenet", "bench_mobilenet.py", "MobileNetV2 0.35 96x96, random weights: cost per cut"),
     ("mi", "bench_mi.py", "the auditor's mutual-information benchmark (paper setting)"),

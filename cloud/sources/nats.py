@@ -213,11 +213,17 @@ class NatsSource:
             self._acks.put((tokens, deliveries))
 
     def refuse(self, token) -> None:
-        self._call(self._nak(token))
+        try:
+            self._call(self._nak(token))
+        except RuntimeError:             # the loop is gone: the frame is delivered again after ack_wait
+            pass
 
     def stop_intake(self, timeout: float = 5.0) -> None:
-        if self._loop is not None and self._intake_stopped is not None:
-            self._loop.call_soon_threadsafe(self._intake_stopped.set)
+        if self._loop is not None and self._intake_stopped is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(self._intake_stopped.set)
+            except RuntimeError:         # closed in between (the source had failed)
+                return
             self._pull_done.wait(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
@@ -228,9 +234,8 @@ class NatsSource:
         if self._acker is not None:
             self._acker.join(timeout)
         if self._loop is not None and self._thread.is_alive():
-            fut = self._call(self._finish(timeout))
             try:
-                fut.result(timeout + 5)
+                self._call(self._finish(timeout)).result(timeout + 5)
             except Exception as exc:
                 log.debug("closing the NATS source: %s", exc)
         self._thread.join(timeout)
