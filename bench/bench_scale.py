@@ -229,7 +229,7 @@ def efficiency(cut, bundle, x, broker, workdir, n, repeats) -> dict:
     fleet = f"eta{uuid.uuid4().hex[:5]}"
     payloads = _frames(bundle, x[:n], "eta", 0)
     reply = _result_frame_bytes(bundle.bundle_id, bundle.manifest.output.shape)
-    e2e, echo = [], []
+    e2e, echo, e2e_parts, echo_parts = [], [], [], []
     worker = _role("worker", workdir, bundles=[str(bundle.root)], url=broker.url)
     try:
         with _agent(broker.url, bundle, window=64, batch=32, fleet=fleet) as agent:
@@ -238,6 +238,7 @@ def efficiency(cut, bundle, x, broker, workdir, n, repeats) -> dict:
                 with _Cpu(broker=broker.pid, worker=worker.proc.pid) as cpu:
                     r = _run_agent(agent, x[:n])
                 e2e.append(1e3 * cpu.total / max(1, r["answered"]))
+                e2e_parts.append({k: 1e3 * (v or 0) / max(1, r["answered"]) for k, v in cpu.seconds.items()})
     finally:
         wstats = worker.stop() or {}
     mean_batch = wstats.get("mean_batch") or 1.0
@@ -251,6 +252,7 @@ def efficiency(cut, bundle, x, broker, workdir, n, repeats) -> dict:
                 r = req.run(n, lambda i: stamp(payloads[i % len(payloads)], i, reply), echo_id, window=64,
                             first_id=rep * 10**7)
             echo.append(1e3 * cpu.total / max(1, r["answered"]))
+            echo_parts.append({k: 1e3 * (v or 0) / max(1, r["answered"]) for k, v in cpu.seconds.items()})
     finally:
         req.stop()
         server.stop()
@@ -259,7 +261,8 @@ def efficiency(cut, bundle, x, broker, workdir, n, repeats) -> dict:
     e2e_ms, echo_ms = statistics.median(e2e), statistics.median(echo)
     return {"cut": cut, "e2e_cpu_ms": e2e_ms, "echo_cpu_ms": echo_ms, "head_cpu_ms": head_ms, "tail_cpu_ms": tail_ms,
             "mean_batch": mean_batch, "eta": (echo_ms + head_ms + tail_ms) / e2e_ms, "e2e_runs": e2e,
-            "echo_runs": echo}
+            "echo_runs": echo, "e2e_parts": {k: statistics.median(p[k] for p in e2e_parts) for k in e2e_parts[0]},
+            "echo_parts": {k: statistics.median(p[k] for p in echo_parts) for k in echo_parts[0]}}
 
 
 def _queued(url, bundle, x, workdir, *, workers: int, n: int, publish_url: str | None = None,
@@ -454,12 +457,16 @@ def main(argv=None) -> int:
                 print(f"  η: {cut} ...", flush=True)
                 r = efficiency(cut, bundles[cut], x, broker, workdir, n, repeats)
                 rep.data.setdefault("eta", {})[cut] = r
+                ep, cp = r["e2e_parts"], r["echo_parts"]
                 rows.append([cut, f"{r['echo_cpu_ms']:.3f}", f"{r['head_cpu_ms']:.3f}", f"{r['tail_cpu_ms']:.3f}",
-                             f"{r['mean_batch']:.1f}", f"{r['e2e_cpu_ms']:.3f}", f"{r['eta']:.2f}",
+                             f"{r['mean_batch']:.1f}", f"{r['e2e_cpu_ms']:.3f}",
+                             f"{ep['self']:.3f} / {ep['broker']:.3f} / {ep['worker']:.3f}",
+                             f"{cp['self']:.3f} / {cp['broker']:.3f} / {cp['server']:.3f}", f"{r['eta']:.2f}",
                              "MET" if r["eta"] >= 0.9 else "NOT MET"])
                 rep.target(f"pipeline efficiency η, {cut}", r["eta"], 0.9, ">=")
             rep.table("eta", ["cut", "echo CPU ms/req", "head CPU ms/req", "tail CPU ms/req", "tail batch",
-                              "end-to-end CPU ms/req", "η", "η ≥ 0.9"], rows,
+                              "end-to-end CPU ms/req", "e2e: device / broker / worker",
+                              "echo: requester / broker / server", "η", "η ≥ 0.9"], rows,
                       title=f"Pipeline efficiency per cut, loopback, {n} requests, window 64 (median of {repeats})",
                       notes=["CPU of every process: the device (or the echo's requester), Mosquitto, the worker "
                              "(or the echo server)", "η = (echo + head + tail) / end to end: what the pipeline "
