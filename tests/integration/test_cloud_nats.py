@@ -141,3 +141,47 @@ def test_kill_one_worker_its_frames_are_redelivered_to_the_other(nats_cluster, t
     print(f"\nkilled a worker after {killed_at} answers: 1,000 answered in {seconds:.1f} s, the queue redelivered "
           f"{total['redelivered']} frame(s), the device re-sent none and ignored {s.duplicates} duplicate "
           f"answer(s); survivors answered {[w['answered'] for w in run['per_worker']]}")
+
+
+def test_at_the_stream_bound_the_oldest_frames_go_and_are_counted(nats_cluster, tiny_bundle, cloud_command, collect):
+    """No worker runs while 120 frames arrive on a stream bounded to ~30 of them: the worker that starts
+    then answers the newest ones, and `edgesplit cloud` counts the others as dropped at the bound."""
+    import numpy as np
+
+    from protocol import topics
+    from protocol.frame import Frame, encode_frame
+    from protocol.mqtt import MqttClient
+    from runtime.split import Head
+
+    c = nats_cluster
+    source = c.nats_url + "?stream=BOUNDED&max_bytes=30000&replicas=3"
+    first = cloud_command(c.mqtt_url(0), tiny_bundle.root, "--group", "bound", "--source", source)
+    first.wait_ready(1)                                   # makes the stream and the durable consumer
+    assert first.stop()["total"]["received"] == 0
+    head = Head(tiny_bundle, num_threads=1)
+    x = np.random.default_rng(1).random((120, 28, 28, 1), dtype=np.float32)
+    spec = tiny_bundle.feature
+    frames = [encode_frame(Frame.features(f, request_id=i + 1, device_id="pi-bound", bundle_id=tiny_bundle.bundle_id,
+                                          seq=i + 1, scale=spec.scale, zero_point=spec.zero_point), compress="raw")
+              for i, f in enumerate(head.features(x))]
+    got = collect(c.mqtt_url(0), topics.results("lab", "pi-bound"))
+    pub = MqttClient(c.mqtt_url(1), client_id="bench-bound-pub")
+    assert pub.start(wait_connected=10)
+    for d in [pub.publish(topics.features("lab", "pi-bound"), p, qos=1) for p in frames]:
+        assert d.wait(10)
+    pub.stop()
+    second = cloud_command(c.mqtt_url(0), tiny_bundle.root, "--group", "bound", "--source", source)
+    second.wait_ready(1)
+    kept = 30000 // len(frames[0])
+    assert got.wait(kept // 2, timeout=60)
+    time.sleep(2)                                          # whatever else the stream kept
+    total = second.stop()["total"]
+    answered = got.count(topics.results("lab", "pi-bound"))
+    assert total["answered"] == answered and 0 < answered < 120
+    assert total["queue_dropped"] == 120 - answered, total  # every frame answered or counted as dropped
+    from protocol.frame import decode_frame
+
+    ids = sorted(decode_frame(p).request_id for _, p in got.got[topics.results("lab", "pi-bound")])
+    assert ids == list(range(121 - answered, 121))         # the newest were kept, the oldest dropped
+    print(f"\nstream bounded to 30,000 bytes: {answered} newest of 120 frames answered, "
+          f"{total['queue_dropped']} counted as dropped at the bound")
