@@ -199,7 +199,8 @@ class Worker:
         self._probe = probe             # measure the broker round trip at start-up (protocol.mqtt.probe)
         self._stop_stats = threading.Event()
         self._sign_failure_logged = False
-        mqtt_options.setdefault("client_id", f"edgesplit-cloud-{self.name}")
+        # no '.' (a host name's): NATS's MQTT gateway refuses client ids holding one
+        mqtt_options.setdefault("client_id", f"edgesplit-cloud-{self.name}".replace(".", "-"))
         self.client = MqttClient(broker, **mqtt_options)
         self._published: list = []      # deliveries of the batch being answered (batch thread only)
         self.source = open_source(source, client=self.client, group=group, fleet=fleet, max_batch=max_batch,
