@@ -1,0 +1,197 @@
+"""A defended cut in a Keras model: the one layer that holds a defence, and how to find it.
+
+``edgesplit harden`` puts a :class:`CutDefence` layer right after the cut layer.  Its config
+*is* the declaration that ends up in the bundle's manifest (``protocol.defence.DefenceSpec``):
+the op the device applies (noise, dropout or nothing), its distribution, per-channel scale
+or rate, and which method and strength trained it.  The layer is active whatever
+``training`` says, so the hardened ``.keras`` behaves as the deployed split does: fresh
+noise or a fresh mask for every input, on every call.
+
+:func:`find_defence` says whether a model is hardened and where; :func:`insert_defence`
+rebuilds a model with a defence layer after a cut; :func:`defended_split` cuts a hardened
+model into the clean head (what ``head.tflite`` computes), the defence, and the tail.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from protocol.defence import DISTRIBUTIONS, METHODS, OPS, DefenceSpec  # noqa: E402
+from protocol.errors import UsageError  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def layer_name(cut: str) -> str:
+    """The name the defence layer after ``cut`` gets."""
+    return f"{cut}_defence"
+
+
+@keras.saving.register_keras_serializable(package="edgesplit")
+class CutDefence(keras.layers.Layer):
+    """The defence at a cut, active at inference: noise, dropout, or the identity.
+
+    ``scale`` is the noise's standard deviation, one value or one per channel (last axis);
+    with ``learned`` it is a trainable weight (kept positive through its logarithm).
+    """
+
+    def __init__(self, method: str, strength: float, op: str = "none", distribution: str | None = None,
+                 scale=None, rate: float | None = None, learned: bool = False, cut: str | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if method not in METHODS or op not in OPS:
+            raise ValueError(f"CutDefence: unknown method {method!r} or op {op!r}")
+        if op == "noise" and (distribution not in DISTRIBUTIONS or scale is None):
+            raise ValueError("CutDefence: op noise needs a distribution and a scale")
+        if op == "dropout" and not (rate is not None and 0.0 <= rate < 1.0):
+            raise ValueError(f"CutDefence: op dropout needs a rate in [0, 1), got {rate!r}")
+        self.method, self.strength, self.op = method, float(strength), op
+        self.distribution = distribution if op == "noise" else None
+        self.initial_scale = [float(s) for s in np.atleast_1d(scale)] if op == "noise" else None
+        self.rate = float(rate) if op == "dropout" else None
+        self.learned = bool(learned) and op == "noise"
+        self.cut = cut
+        self.seed_generator = keras.random.SeedGenerator()  # unseeded: every process draws its own noise
+        self.log_scale = None
+
+    def build(self, input_shape):
+        if self.op == "noise":
+            channels = int(input_shape[-1])
+            init = np.asarray(self.initial_scale, np.float32)
+            if init.size not in (1, channels):
+                raise ValueError(f"CutDefence: {init.size} scales for {channels} channels")
+            init = np.broadcast_to(init, (channels,)) if self.learned else init
+            self.log_scale = self.add_weight(name="log_scale", shape=init.shape, trainable=self.learned,
+                                             initializer=keras.initializers.Constant(np.log(np.maximum(init, 1e-12))))
+        super().build(input_shape)
+
+    def noise_scale(self):
+        """The noise's standard deviation per channel (a tensor), or None without noise."""
+        return None if self.log_scale is None else keras.ops.exp(self.log_scale)
+
+    def call(self, x, training=None):
+        if self.op == "noise":
+            shape = keras.ops.shape(x)
+            if self.distribution == "gaussian":
+                eps = keras.random.normal(shape, seed=self.seed_generator, dtype=x.dtype)
+            else:  # unit-variance Laplace from a uniform draw (b = 1/sqrt 2)
+                u = keras.random.uniform(shape, minval=-0.5 + 1e-7, maxval=0.5, seed=self.seed_generator,
+                                         dtype=x.dtype)
+                eps = -keras.ops.sign(u) * keras.ops.log1p(-2.0 * keras.ops.abs(u)) / math.sqrt(2.0)
+            return x + eps * self.noise_scale()
+        if self.op == "dropout":
+            keep = keras.random.uniform(keras.ops.shape(x), seed=self.seed_generator, dtype=x.dtype) >= self.rate
+            return keras.ops.where(keep, x / (1.0 - self.rate), keras.ops.zeros_like(x))
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(method=self.method, strength=self.strength, op=self.op, distribution=self.distribution,
+                      scale=self.current_scale() if self.op == "noise" else None, rate=self.rate,
+                      learned=self.learned, cut=self.cut)
+        return config
+
+    def current_scale(self) -> list[float] | None:
+        if self.op != "noise":
+            return None
+        if self.log_scale is None:
+            return list(self.initial_scale)
+        return [float(v) for v in np.exp(np.asarray(self.log_scale.numpy(), np.float64))]
+
+    def spec(self, head_scale: float | None = None, head_zero_point: int | None = None) -> DefenceSpec:
+        """The manifest's declaration of this layer (with the head's output quantization when given)."""
+        on = self.op != "none"
+        return DefenceSpec(method=self.method, strength=self.strength, op=self.op, distribution=self.distribution,
+                           scale=self.current_scale(), rate=self.rate, learned=self.learned,
+                           head_scale=head_scale if on else None, head_zero_point=head_zero_point if on else None)
+
+
+# ------------------------------------------------------------------ graph surgery
+
+def defence_layers(model) -> list:
+    """Every CutDefence layer of ``model`` (a hardened model has exactly one)."""
+    return [layer for layer in model.layers if isinstance(layer, CutDefence)]
+
+
+def find_defence(model, cut: str | None = None):
+    """The CutDefence layer of ``model`` and the cut it defends, or (None, None) for a plain model.
+
+    With ``cut``, UsageError when the model is hardened at another cut: converting it there
+    would send clean features and apply the defence in the cloud.
+    """
+    from converter.split import _producer
+
+    layers = defence_layers(model)
+    if not layers:
+        return None, None
+    if len(layers) > 1:
+        raise UsageError(f"model {model.name!r} holds {len(layers)} defence layers "
+                         f"({', '.join(lay.name for lay in layers)}); edgesplit supports one per model",
+                         fix="harden the plain model at one cut")
+    layer = layers[0]
+    node = layer._inbound_nodes[0]
+    producer = _producer(node.input_tensors[0])
+    defended = producer.operation.name if producer is not None else None
+    if cut is not None and cut not in (defended, layer.name):
+        raise UsageError(f"model {model.name!r} was hardened at {defended!r}; cut at {cut!r} the device would "
+                         f"send {'clean' if _before(model, cut, layer) else 'undefended'} features and the "
+                         f"defence would run in the cloud, after the tensor left the device",
+                         fix=f"convert it with --cut {defended}, or harden the plain model at {cut}")
+    return layer, defended
+
+
+def _before(model, cut: str, layer) -> bool:
+    names = [lay.name for lay in model.layers]
+    return cut in names and names.index(cut) < names.index(layer.name)
+
+
+def insert_defence(model, cut: str, defence: CutDefence, name: str | None = None):
+    """A new model computing ``model`` with ``defence`` applied to the output of layer ``cut``.
+
+    The new model shares its layers with ``model`` (clone it first to keep the original).
+    The cut must be a valid split point (one tensor crosses).
+    """
+    from converter.split import _nodes_in_order, cut_tensor
+
+    feature = cut_tensor(model, cut)
+    if model.outputs[0] is feature:
+        raise UsageError(f"{cut!r} is the model's output: a defence there has no tail to adapt to it",
+                         fix="harden an earlier cut (see `edgesplit cuts MODEL`)")
+
+    def bypass(tensor):
+        raise UsageError(f"layer {cut!r} is not a valid cut (a skip or residual connection crosses it)",
+                         fix="pick a layer where exactly one tensor crosses (see `edgesplit cuts MODEL`)")
+
+    tail_nodes = _nodes_in_order(model.outputs, {id(feature)}, on_input=bypass)
+    defended = defence(feature)
+    computed = {id(feature): defended}
+    for node in tail_nodes:
+        args, kwargs = node.arguments.fill_in(computed)
+        out = node.operation(*args, **kwargs)
+        for ref, new in zip(node.outputs, keras.tree.flatten(out)):
+            computed[id(ref)] = new
+    return keras.Model(model.inputs[0], computed[id(model.outputs[0])], name=name or model.name)
+
+
+def defended_split(model, cut: str | None = None):
+    """(clean head, defence layer, defended head, tail) of a hardened model.
+
+    The clean head ends at the cut layer (what ``head.tflite`` computes), the defended head
+    includes the defence (what is sent, as a Keras model), the tail starts after it.
+    """
+    from converter.split import split_model
+
+    layer, defended = find_defence(model, cut)
+    if layer is None:
+        raise UsageError(f"model {model.name!r} has no defence layer", fix="make one with `edgesplit harden`")
+    clean_head = keras.Model(model.inputs[0], model.get_layer(defended).output, name=f"{model.name}_head")
+    split = split_model(model, layer.name)
+    return clean_head, layer, split.head, split.tail
