@@ -26,9 +26,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import msgspec  # noqa: E402
 import numpy as np  # noqa: E402
 
+from converter import defended  # noqa: E402
 from converter import parity as parity_mod  # noqa: E402
 from converter.quantize import convert_split  # noqa: E402
-from converter.split import check_split, split_model  # noqa: E402
 from protocol import manifest as mf  # noqa: E402
 from protocol.errors import CheckFailed, UsageError  # noqa: E402
 
@@ -290,15 +290,16 @@ def convert(model, cut: str, quant: str = "int8", calibration=500, out=None, min
     if cuts_mod is not None and hasattr(cuts_mod, "find_cut"):
         cut = cuts_mod.find_cut(keras_model, cut).name
     log.info("convert: splitting %s at %s", src.name, cut)
-    split = split_model(keras_model, cut)
-    check_split(split, np.asarray(src.data.x_test[:16], np.float32))
+    # a hardened model (converter.defended): the clean head, the defence the device applies, the tail
+    split, defence = defended.split_for_bundle(keras_model, cut, np.asarray(src.data.x_test[:16], np.float32))
     calib_x, calib_n = _calibration_images(calibration, src.data.x_train) if quant == "int8" else (None, 0)
     times["split"] = time.perf_counter() - t
 
     t = time.perf_counter()
     log.info("convert: converting head and tail to TFLite (%s%s)", quant,
              f", calibrating on {calib_n} training images" if quant == "int8" else "")
-    converted = convert_split(split, quant, calib_x if quant == "int8" else None)
+    converted = convert_split(split, quant, calib_x if quant == "int8" else None,
+                              tail_calibration=defended.tail_calibration(split, defence, calib_x))
     times["quantize"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -320,7 +321,8 @@ def convert(model, cut: str, quant: str = "int8", calibration=500, out=None, min
                                     source="images given by the caller" if isinstance(calibration, np.ndarray)
                                     else f"{src.data_name} training images")
                      if quant == "int8" else None),
-        parity=None)
+        parity=None,
+        defence=defence.spec(converted.head_scale, converted.head_zero_point) if defence is not None else None)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be copied and served
     try:
@@ -337,10 +339,14 @@ def convert(model, cut: str, quant: str = "int8", calibration=500, out=None, min
         y_test = np.asarray(src.data.y_test[:n])
         key = (_fingerprint([x_test]), _fingerprint(keras_model.get_weights()))
         cache = _KERAS_PRED.setdefault(keras_model, {})
-        if key not in cache:
+        stochastic = draft.defence is not None and draft.defence.on_device
+        if stochastic:  # the Keras model and the bundle under the same draws of the defence
+            cache[key] = defended.keras_predict(split, defence, x_test)
+        elif key not in cache:
             cache[key] = np.argmax(keras_model.predict(x_test, batch_size=256, verbose=0), axis=-1)
         result = parity_mod.run_parity(mf.load_bundle(staging), keras_model, x_test, y_test,
                                        min_agreement=min_agreement, keras_pred=cache[key],
+                                       rng_seed=defended.PARITY_SEED if stochastic else None,
                                        source=f"{src.data_name} test images [0:{n}]", progress=progress)
         final = mf.write_bundle(staging, msgspec.structs.replace(draft, parity=result.to_manifest()))
         times["parity"] = time.perf_counter() - t

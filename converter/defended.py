@@ -195,3 +195,53 @@ def defended_split(model, cut: str | None = None):
     clean_head = keras.Model(model.inputs[0], model.get_layer(defended).output, name=f"{model.name}_head")
     split = split_model(model, layer.name)
     return clean_head, layer, split.head, split.tail
+
+
+# ------------------------------------------------------------------ conversion
+
+#: parity draws the defence's randomness from this seed, the same for the Keras model and the bundle
+PARITY_SEED = 0
+
+
+def split_for_bundle(model, cut: str, x_check):
+    """(split, defence layer or None): what ``converter.bundle.convert`` turns into a bundle.
+
+    For a plain model, ``split_model`` checked numerically.  For a hardened one the split's
+    head is the clean head (``head.tflite``), its tail starts after the defence layer, and the
+    layer comes back for the manifest; a split through an identity defence is checked as usual,
+    a stochastic one through :func:`keras_predict` at parity.
+    """
+    from converter.split import Split, check_split, split_model
+
+    layer, defended = find_defence(model, cut)
+    if layer is None:
+        split = split_model(model, cut)
+        check_split(split, x_check)
+        return split, None
+    clean_head, layer, _, tail = defended_split(model, cut)
+    split = Split(model=model, cut=defended, head=clean_head, tail=tail,
+                  feature_shape=tuple(int(d) for d in clean_head.output_shape[1:]))
+    if layer.op == "none":
+        check_split(split, x_check)
+    return split, layer
+
+
+def tail_calibration(split, layer, calibration, seed: int = PARITY_SEED):
+    """The tensors the tail receives for the calibration images: defended on the device (None: the head's)."""
+    if layer is None or layer.op == "none" or calibration is None:
+        return None
+    x = np.asarray(calibration, np.float32)
+    f = np.concatenate([np.asarray(split.head(x[i:i + 250], training=False)) for i in range(0, len(x), 250)])
+    return layer.spec().apply(f, np.random.default_rng(seed))
+
+
+def keras_predict(split, layer, x, *, seed: int = PARITY_SEED, batch: int = 250) -> np.ndarray:
+    """Top-1 of the Keras model on ``x`` with the defence's draws taken from ``seed`` batch by batch,
+    in the same order as ``runtime.split.Head.features(x, rng)`` takes them at parity."""
+    rng = np.random.default_rng(seed)
+    spec = layer.spec()
+    out = []
+    for i in range(0, len(x), batch):
+        f = np.asarray(split.head(np.asarray(x[i:i + batch], np.float32), training=False))
+        out.append(np.argmax(np.asarray(split.tail(spec.apply(f, rng), training=False)), axis=-1))
+    return np.concatenate(out) if out else np.zeros((0,), np.int64)

@@ -36,18 +36,18 @@ class SplitRunner:
         """The interpreter parity ran on, e.g. ``ai-edge-litert 1.2.0``."""
         return self._head.backend.describe()
 
-    def head(self, x: np.ndarray) -> np.ndarray:
-        """Float32 images (N, H, W, C) -> features as sent."""
-        return self._head.features(x)
+    def head(self, x: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        """Float32 images (N, H, W, C) -> features as sent (a declared defence drawn from ``rng``)."""
+        return self._head.features(x, rng=rng)
 
     def tail(self, features: np.ndarray) -> np.ndarray:
         """Features as sent -> outputs (dequantized with the manifest's scale/zero point when the tail wants it)."""
         return self._tail.run(features)
 
-    def predict(self, x: np.ndarray, batch: int = 250, progress=None) -> np.ndarray:
+    def predict(self, x: np.ndarray, batch: int = 250, progress=None, rng=None) -> np.ndarray:
         outs = []
         for start in range(0, len(x), batch):
-            outs.append(self.tail(self.head(x[start:start + batch])))
+            outs.append(self.tail(self.head(x[start:start + batch], rng)))
             if progress is not None:
                 progress(min(start + batch, len(x)))
         return np.concatenate(outs) if outs else np.zeros((0, *self.bundle.output.shape), np.float32)
@@ -85,8 +85,13 @@ class ParityResult:
 def run_parity(bundle: Bundle, model, x: np.ndarray, y: np.ndarray | None = None, *,
                min_agreement: float | None = None, source: str = "held-out images",
                keras_pred: np.ndarray | None = None, batch: int = 250, progress: bool = True,
-               num_threads: int | None = None) -> ParityResult:
-    """Compare top-1 of the bundle's LiteRT head+tail with ``model`` on ``x`` (labels ``y`` optional)."""
+               num_threads: int | None = None, rng_seed: int | None = None) -> ParityResult:
+    """Compare top-1 of the bundle's LiteRT head+tail with ``model`` on ``x`` (labels ``y`` optional).
+
+    ``rng_seed``: a bundle whose device applies a defence draws it from this seed, batch by batch,
+    so that ``keras_pred`` made under the same draws (``converter.defended.keras_predict``) compares
+    the conversion and not two samples of the noise.
+    """
     t0 = time.perf_counter()
     x = np.asarray(x, dtype=np.float32)
     if keras_pred is None:
@@ -105,7 +110,8 @@ def run_parity(bundle: Bundle, model, x: np.ndarray, y: np.ndarray | None = None
                 bar.update(k - done[0])
             done[0] = k
 
-        split_pred = np.argmax(runner.predict(x, batch=batch, progress=tick), axis=-1)
+        rng = np.random.default_rng(rng_seed) if rng_seed is not None else None
+        split_pred = np.argmax(runner.predict(x, batch=batch, progress=tick, rng=rng), axis=-1)
     finally:
         if bar is not None:
             bar.close()

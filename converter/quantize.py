@@ -46,6 +46,8 @@ class Converted:
     output_dtype: str
     requant_exact: bool | None
     seconds: float
+    head_scale: float | None = None        # the head's own output quantization (differs from the
+    head_zero_point: int | None = None     # feature's when a defence runs between head and wire)
 
 
 @contextlib.contextmanager
@@ -130,11 +132,19 @@ def _first_quantize_params(it, input_index: int):
     return None
 
 
-def convert_split(split, quant: str, calibration: np.ndarray | None = None) -> Converted:
-    """Head and tail of ``split`` -> TFLite; ``calibration`` (training images) is required for int8."""
+def convert_split(split, quant: str, calibration: np.ndarray | None = None,
+                  tail_calibration: np.ndarray | None = None) -> Converted:
+    """Head and tail of ``split`` -> TFLite; ``calibration`` (training images) is required for int8.
+
+    ``tail_calibration``: the tensors the tail will receive for those images when they are not
+    the head's output (a defended cut: the device adds noise or a mask after the head).  The
+    wire's quantization is then the tail's input quantization, not the head's output's.
+    """
     t0 = time.perf_counter()
     rep_tail = None
-    if quant == "int8":
+    if quant == "int8" and tail_calibration is not None:
+        rep_tail = np.asarray(tail_calibration, np.float32)
+    elif quant == "int8":
         if calibration is None or len(calibration) == 0:
             raise UsageError("int8 quantization needs calibration images", fix="pass --calibration N with N >= 1")
         # The tail is calibrated on the float tensor the head computes for the same images,
@@ -150,12 +160,20 @@ def convert_split(split, quant: str, calibration: np.ndarray | None = None) -> C
     tail_it, tin, tout = _io(tail)
     scale = zero_point = None
     requant_exact = None
+    head_q = (None, None)
     if quant == "int8":
         if hout["dtype"] != np.int8:
             raise CheckFailed(f"the int8 head outputs {np.dtype(hout['dtype']).name}, not int8",
                               fix="report this model; try --quant dynamic meanwhile")
         scale, zero_point = float(hout["quantization"][0]), int(hout["quantization"][1])
+        head_q = (scale, zero_point)
         tail_q = _first_quantize_params(tail_it, tin["index"])
+        if tail_calibration is not None:
+            if tail_q is None:
+                raise CheckFailed("the int8 tail of a defended cut has no input QUANTIZE op to read the wire's "
+                                  "quantization from", fix="report this model; try --quant dynamic meanwhile")
+            (scale, zero_point), tail_q = tail_q, None   # the wire is what the tail was calibrated on
+            requant_exact = True
         if tail_q is not None:
             requant_exact = bool(np.isclose(tail_q[0], scale, rtol=1e-6, atol=0) and tail_q[1] == zero_point)
             if not requant_exact:
@@ -167,4 +185,5 @@ def convert_split(split, quant: str, calibration: np.ndarray | None = None) -> C
     return Converted(quant=quant, head=head, tail=tail, feature_dtype=np.dtype(hout["dtype"]).name,
                      feature_scale=scale, feature_zero_point=zero_point,
                      input_dtype=np.dtype(hin["dtype"]).name, output_dtype=np.dtype(tout["dtype"]).name,
-                     requant_exact=requant_exact, seconds=time.perf_counter() - t0)
+                     requant_exact=requant_exact, seconds=time.perf_counter() - t0,
+                     head_scale=head_q[0], head_zero_point=head_q[1])

@@ -348,6 +348,8 @@ def _compile_for_evaluation(model: keras.Model) -> None:
 def _load_keras_file(path: Path) -> keras.Model:
     # compile=False: edgesplit only runs inference, and it avoids Keras' warnings
     # about optimizer state that was (deliberately) not saved.
+    from converter import defended  # noqa: F401  (registers CutDefence: hardened models load too)
+
     try:
         return keras.saving.load_model(path, compile=False)
     except Exception as exc:  # Keras raises many types for a damaged zip / unknown layers

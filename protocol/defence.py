@@ -76,15 +76,24 @@ class DefenceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def describe(self) -> str:
         """One line for people, e.g. ``vib 0.01: Gaussian noise (learned), mean std 0.83``."""
-        what = {"none": "nothing on the device (the head's weights are the defence)",
-                "dropout": f"dropout rate {self.rate:g} on the device"}.get(self.op)
-        if what is None:
+        if self.op == "none":
+            what = "nothing on the device (the head's weights are the defence)"
+        elif self.op == "dropout":
+            what = f"dropout rate {self.rate:g} on the device"
+        else:
             what = (f"{self.distribution} noise{' (learned)' if self.learned else ''} on the device, "
                     f"mean std {float(np.mean(self.scale)):.4g}")
         return f"{self.method} {self.strength:g}: {what}"
 
     def to_dict(self) -> dict:
         return msgspec.to_builtins(self)
+
+    def harden_command(self, model: str, cut: str, out=None) -> str:
+        """The command that makes a bundle with this defence (for messages that say how to rebuild it)."""
+        cmd = f"edgesplit harden {model} --cut {cut} --method {self.method} --strength {self.strength:g}"
+        if self.method == "noise" and (self.distribution != "gaussian" or self.learned):
+            cmd += f" --noise {self.distribution}" + (" --learned" if self.learned else "")
+        return cmd + (f" --out {out}" if out is not None else "")
 
     def apply(self, values: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         """Float features (N, ..., C) -> the defended features, fresh randomness per element.

@@ -30,6 +30,7 @@ import msgspec
 import numpy as np
 
 from protocol import archive, tensors
+from protocol.defence import DefenceSpec
 from protocol.errors import BundleError
 
 log = logging.getLogger(__name__)
@@ -237,6 +238,7 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tools: dict[str, str]
     calibration: Optional[Calibration] = None
     parity: Optional[Parity] = None
+    defence: Optional[DefenceSpec] = None   # applied on the device before sending (protocol.defence)
 
     def __post_init__(self):
         if self.quant == "int8" and not self.feature.quantized:
@@ -245,6 +247,8 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError(f"quant is {self.quant} but the feature dtype is {self.feature.dtype}")
         if self.labels and len(self.output.shape) == 1 and len(self.labels) != self.output.shape[0]:
             raise ValueError(f"{len(self.labels)} labels for an output of shape {list(self.output.shape)}")
+        if self.defence and self.defence.on_device and self.feature.quantized and self.defence.head_scale is None:
+            raise ValueError("a defence applied on the device needs the head's head_scale and head_zero_point")
 
     def to_dict(self) -> dict:
         """The manifest as plain JSON types, in field order."""
@@ -252,6 +256,8 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def convert_command(self, out: str | os.PathLike | None = None) -> str:
         """The command that makes this bundle (for error messages that say how to rebuild it)."""
+        if self.defence is not None:
+            return self.defence.harden_command(self.model, self.cut, out)
         cmd = f"edgesplit convert {self.model} --cut {self.cut} --quant {self.quant}"
         if self.calibration is not None and self.quant == "int8":
             cmd += f" --calibration {self.calibration.n}"

@@ -38,6 +38,11 @@ class Head:
                  backend: str | Backend | None = None):
         self.bundle = bundle
         self.spec: FeatureSpec = bundle.manifest.feature
+        defence = bundle.manifest.defence
+        #: what the device does to the head's output before sending it (None: nothing)
+        self.defence = defence if defence is not None and defence.on_device else None
+        # one generator seeded from the OS's entropy: every input draws fresh noise or a fresh mask
+        self._rng = np.random.default_rng()
         self.model = Model(bundle.head_path, num_threads=num_threads, backend=backend)
         self._check()
 
@@ -53,19 +58,34 @@ class Head:
         if int(np.prod(out.shape[1:])) != spec.elements:
             raise BundleError(f"head.tflite outputs {list(out.shape[1:])} but the manifest's feature is "
                               f"{list(spec.shape)}", fix=_rebuild(self.bundle))
-        if spec.quantized and out.quantized and (out.dtype.name != spec.dtype
-                                                 or not _same_quantization(out.scale, out.zero_point, spec)):
+        if self.defence is not None and out.quantized:
+            d = self.defence   # the head's own output is declared in the defence; the wire is the feature
+            if not (math.isclose(out.scale, d.head_scale, rel_tol=1e-6) and out.zero_point == d.head_zero_point):
+                raise BundleError(f"head.tflite's output quantization (scale {out.scale}, zero point {out.zero_point}) "
+                                  f"is not the one the manifest's defence ({d.describe()}) was declared for "
+                                  f"(scale {d.head_scale}, zero point {d.head_zero_point}): the head and the "
+                                  f"manifest come from different bundles", fix=_rebuild(self.bundle))
+        elif spec.quantized and out.quantized and (out.dtype.name != spec.dtype
+                                                   or not _same_quantization(out.scale, out.zero_point, spec)):
+            lost = " (a hardened bundle whose manifest lost its `defence` block looks like this: the device " \
+                   "would send clean features)" if out.dtype.name == spec.dtype else ""
             raise BundleError(f"head.tflite's output quantization ({out.dtype.name}, scale {out.scale}, zero point "
                               f"{out.zero_point}) differs from the manifest's ({spec.dtype}, {spec.scale}, "
-                              f"{spec.zero_point})", fix=_rebuild(self.bundle))
+                              f"{spec.zero_point}){lost}", fix=_rebuild(self.bundle))
         if not spec.quantized and out.quantized:
             raise BundleError(f"head.tflite outputs quantized {out.dtype.name} but the manifest's feature is "
                               f"{spec.dtype}", fix=_rebuild(self.bundle))
 
-    def features(self, x: np.ndarray) -> np.ndarray:
-        """Head inputs (N, H, W, C) -> the feature tensors exactly as sent, (N, *feature.shape)."""
+    def features(self, x: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        """Head inputs (N, H, W, C) -> the feature tensors exactly as sent, (N, *feature.shape).
+
+        A declared defence (``protocol.defence``) is applied here, fresh for every input; ``rng``
+        replaces the head's own entropy-seeded generator only to reproduce draws (parity).
+        """
         y = self.model.run(x)
         y = y.reshape((y.shape[0],) + tuple(self.spec.shape))
+        if self.defence is not None:
+            return self.defence.send(y, self.spec, rng if rng is not None else self._rng)
         if y.dtype == np.dtype(self.spec.dtype):
             return y        # what the interpreter computed, untouched: the usual case
         # A float head whose manifest says the wire is quantized (or float16): convert as the
