@@ -245,3 +245,40 @@ def keras_predict(split, layer, x, *, seed: int = PARITY_SEED, batch: int = 250)
         f = np.asarray(split.head(np.asarray(x[i:i + batch], np.float32), training=False))
         out.append(np.argmax(np.asarray(split.tail(spec.apply(f, rng), training=False)), axis=-1))
     return np.concatenate(out) if out else np.zeros((0,), np.int64)
+
+
+def check_matches(manifest, model) -> None:
+    """BundleError unless ``model``'s defence layer and the bundle's ``manifest`` declare the same defence.
+
+    The two must agree, or an audit attacks one head while the device runs another: a defence
+    applied at audit time but not on the device (the audit flatters the bundle), or applied on
+    the device but not in the audited model (the audit is about a head that is never deployed).
+    """
+    from protocol.errors import BundleError
+
+    spec = manifest.defence
+    layers = defence_layers(model)
+    if len(layers) > 1:
+        find_defence(model)  # raises its message
+    layer = layers[0] if layers else None
+    if layer is None and spec is None:
+        return
+    if layer is None:
+        raise BundleError(f"the bundle declares a defence at {manifest.cut} ({spec.describe()}) but the Keras model "
+                          f"{model.name!r} has none: an audit with it would attack a head the device does not run",
+                          fix="give the hardened .keras that `edgesplit harden` wrote beside the bundle "
+                              "(OUT/model.keras)")
+    ours = layer.spec()
+    if spec is None:
+        raise BundleError(f"the Keras model {model.name!r} applies {ours.describe()} at {layer.cut}, but the bundle's "
+                          f"manifest declares no defence: the device sends clean features, so an audit with this "
+                          f"model would credit the bundle with a defence it does not have",
+                          fix=f"convert the hardened model (edgesplit convert MODEL.keras --cut {layer.cut} ...) "
+                              f"or audit the bundle with the model it was made from")
+    same = (ours.method, ours.op, ours.distribution, ours.rate) == (spec.method, spec.op, spec.distribution, spec.rate)
+    if same and ours.op == "noise":
+        same = len(ours.scale) == len(spec.scale) and bool(np.allclose(ours.scale, spec.scale, rtol=1e-5, atol=0))
+    if not same or layer.cut not in (None, manifest.cut):
+        raise BundleError(f"the Keras model applies {ours.describe()} at {layer.cut}, the bundle's manifest declares "
+                          f"{spec.describe()} at {manifest.cut}: they were not made together",
+                          fix="give the .keras the bundle was converted from (edgesplit harden writes both)")

@@ -431,6 +431,54 @@ def run_iplane(args) -> int:
     return 0
 
 
+def add_harden(sub):
+    p = sub.add_parser("harden", help="fine-tune a defence at a cut (noise, dropout, NoPeek, VIB, adversarial), "
+                                      "write the hardened .keras and its int8 bundle, attack it; or --sweep them",
+                       description="Fine-tunes MODEL with a defence at --cut; what must happen at inference (noise, "
+                                   "a dropout mask) is declared in the bundle's manifest and applied on the device, "
+                                   "fresh for every input. Writes OUT/model.keras, OUT/bundle (+ .tar.gz) and "
+                                   "OUT/harden.json; with --sweep every method (or --method) at four strengths, "
+                                   "OUT/sweep.json/.md, and the point chosen under the budgets.")
+    p.add_argument("model", help="zoo name (e.g. paper-cnn) or a .keras file (the plain, trained model)")
+    p.add_argument("--cut", required=True, help="layer whose output is sent (see `edgesplit cuts MODEL`)")
+    p.add_argument("--method", default=None, metavar="M",
+                   help="noise, dropout, nopeek, vib or adversarial (with --sweep: only this one)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--strength", type=float, default=None, metavar="S",
+                     help="the method's strength (default: its own); noise: std in units of the features' RMS; "
+                          "dropout: drop rate; nopeek: dCor weight; vib: beta; adversarial: decoder-loss weight")
+    how.add_argument("--sweep", action="store_true", help="try four strengths of every method (or of --method)")
+    p.add_argument("--strengths", default=None, metavar="S,S,..", help="with --sweep and --method: these strengths")
+    p.add_argument("--noise", choices=["gaussian", "laplace"], default="gaussian", help="noise: its distribution")
+    p.add_argument("--learned", action="store_true", help="noise: learn its scale per channel (Shredder)")
+    p.add_argument("--data", default=None, metavar="SPEC",
+                   help="the user's images (default: the zoo model's data, or MNIST for an MNIST-shaped model)")
+    p.add_argument("--min-accuracy", type=float, default=None,
+                   help="budget: int8 split accuracy (default: the unhardened one minus 1 percentage point)")
+    p.add_argument("--max-psnr", type=float, default=None, help="budget: PSNR (dB) of the strongest attack")
+    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps per point (default 400)")
+    p.add_argument("--lr", type=float, default=None, help="peak fine-tuning learning rate (default 1e-3)")
+    p.add_argument("--test-n", type=int, default=None, help="test images for the int8 accuracy (default 2000)")
+    p.add_argument("--victims", type=int, default=None, help="test images the attacks reconstruct (default 200)")
+    p.add_argument("--no-attacks", action="store_true", help="harden and convert only (no attack figures)")
+    p.add_argument("--seed", type=int, default=None, help="makes a run repeatable (default 0)")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the hardened model, bundle and results")
+    p.set_defaults(func=run_harden)
+
+
+def run_harden(args) -> int:
+    _quiet_tensorflow()
+    from auditor.defences.harden import harden, settings_from
+
+    result = harden(args.model, args.cut, args.method, args.strength, sweep=args.sweep, strengths=args.strengths,
+                    data=args.data, out=args.out, min_accuracy=args.min_accuracy, max_psnr=args.max_psnr,
+                    noise=args.noise, learned=args.learned,
+                    settings=settings_from(steps=args.steps, lr=args.lr, test_n=args.test_n, victims=args.victims,
+                                           attacks=not args.no_attacks, seed=args.seed))
+    print(result.summary())
+    return 0
+
+
 def add_bundle(sub):
     p = sub.add_parser("bundle", help="package a bundle for a target: `edgesplit bundle device` makes a Raspberry "
                                       "Pi device package")
@@ -588,7 +636,8 @@ def run_plan(args) -> int:
     return 0
 
 
-VERBS = [add_train, add_cuts, add_convert, add_demo, add_broker, add_device, add_flash, add_cloud, add_audit, add_iplane, add_bundle, add_doctor, add_profile, add_plan]
+VERBS = [add_train, add_cuts, add_convert, add_demo, add_broker, add_device, add_flash, add_cloud, add_audit, add_iplane,
+         add_harden, add_bundle, add_doctor, add_profile, add_plan]
 
 
 class _Subparsers(argparse._SubParsersAction):

@@ -14,7 +14,7 @@ from auditor.defences.base import Defence, Strength
 from auditor.defences.registry import register
 
 #: the per-channel standard deviation starts here (the prior's is 1)
-INITIAL_SIGMA = 0.5
+INITIAL_SIGMA = 1.0
 
 
 @register
