@@ -72,6 +72,7 @@ class Batch:
     sent: object       # after the defence layer (what the device sends)
     output: object     # the model's output
     layer: object      # the CutDefence layer
+    progress: object = 1.0   # share of the fine-tuning steps done (a scalar tensor in the step)
 
 
 class Defence:
@@ -85,6 +86,8 @@ class Defence:
     default: ClassVar[float]
     #: which weights fine-tuning trains: any of "head", "tail", "defence"
     trains: ClassVar[tuple] = ("head", "tail")
+    #: the defence layer's own weights (a learned noise scale) learn this many times faster than the model's
+    defence_lr_factor: ClassVar[float] = 10.0
 
     def __init__(self, value: float, *, reference: Reference, **options):
         self.value = self.strength.check(self.name, value)

@@ -119,7 +119,8 @@ def harden_model(model, cut: str, method: str, strength: float, x_train, y_train
     groups = {"head": [v for v in hardened.trainable_variables if id(v) in head_ids],
               "defence": [v for v in hardened.trainable_variables if id(v) in defence_ids],
               "tail": [v for v in hardened.trainable_variables if id(v) not in head_ids | defence_ids]}
-    variables = [v for g in defence.trains for v in groups[g]]
+    variables = [v for g in defence.trains if g != "defence" for v in groups[g]]
+    own = groups["defence"] if "defence" in defence.trains else []
     for g in defence.trains:
         if g != "defence" and not groups[g]:
             raise UsageError(f"{method} at {cut!r} trains the {g}, which has no trainable weights there",
@@ -130,17 +131,22 @@ def harden_model(model, cut: str, method: str, strength: float, x_train, y_train
     from_logits = output_is_logits(model)
     schedule = keras.optimizers.schedules.CosineDecay(settings.lr, decay_steps=settings.steps)
     opt = keras.optimizers.Adam(schedule)
+    opt_own = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
+        settings.lr * defence.defence_lr_factor, decay_steps=settings.steps))
+    total = float(settings.steps)
 
     @tf.function(reduce_retracing=True)
-    def step(x, y):
+    def step(x, y, i):
         with tf.GradientTape() as tape:
             f, z, out = multi(x, training=False)
             ce = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, out, from_logits=from_logits))
-            extra = defence.penalty(Batch(x=x, y=y, clean=f, sent=z, output=out, layer=layer))
+            extra = defence.penalty(Batch(x=x, y=y, clean=f, sent=z, output=out, layer=layer, progress=i / total))
             extra = tf.constant(0.0) if extra is None else extra
             loss = ce + extra
-        grads = tape.gradient(loss, variables)
-        opt.apply_gradients(zip(grads, variables))
+        grads = tape.gradient(loss, variables + own)
+        opt.apply_gradients(zip(grads[:len(variables)], variables))
+        if own:
+            opt_own.apply_gradients(zip(grads[len(variables):], own))
         acc = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(out, -1), y), tf.float32))
         return loss, ce, extra, acc
 
@@ -159,7 +165,7 @@ def harden_model(model, cut: str, method: str, strength: float, x_train, y_train
         xb, yb = tf.constant(x_train[idx]), tf.constant(y_train[idx])
         if needs_sent:
             defence.before_step(xb, sent_of(xb, training=False))
-        loss, ce, extra, acc = step(xb, yb)
+        loss, ce, extra, acc = step(xb, yb, tf.constant(float(i)))
         window.append((float(loss), float(ce), float(extra), float(acc)))
         if len(window) == 50 or i == settings.steps - 1:
             m = np.mean(window, axis=0)

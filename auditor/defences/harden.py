@@ -108,6 +108,8 @@ class Point:
     seconds: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
 
+    baseline_accuracy: float | None = None   # the unhardened model's, same images
+
     @property
     def psnr_db(self) -> float | None:
         return self.beyond.get("psnr_db")
@@ -429,6 +431,7 @@ def _options(method, noise: str, learned: bool) -> dict:
 
 def _finish(base: Point, points: list) -> None:
     for p in points:
+        p.baseline_accuracy = base.accuracy
         if p.accuracy is not None and base.accuracy is not None:
             p.accuracy_drop_pp = 100.0 * (p.accuracy - base.accuracy)
 

@@ -6,15 +6,19 @@ channel (a homoscedastic encoder: sigma does not depend on x, so the device only
 manifest's per-channel scale).  Fine-tuning minimises cross-entropy + strength * KL(q(z|x) ||
 N(0, 1)), the KL summed over the tensor's elements and averaged over the batch (nats per
 image): a bound on I(X; Z) that the head cannot escape by scaling its features up, since the
-prior fixes the scale.
+prior fixes the scale.  The KL weight is annealed in over the first steps, and sigma starts
+at a quarter of the clean features' RMS, so fine-tuning starts from the trained model rather than
+from noise it cannot read.
 """
 from __future__ import annotations
 
 from auditor.defences.base import Defence, Strength
 from auditor.defences.registry import register
 
-#: the per-channel standard deviation starts here (the prior's is 1)
-INITIAL_SIGMA = 1.0
+#: the per-channel standard deviation starts here (the prior's is 1), in units of the features' RMS
+INITIAL_SIGMA = 0.25
+#: the KL weight grows linearly from 0 to beta over this share of the steps (KL annealing, as for VAEs)
+WARMUP = 0.3
 
 
 @register
@@ -30,8 +34,8 @@ class VIB(Defence):
     def layer(self, cut: str):
         from converter.defended import CutDefence, layer_name
 
-        return CutDefence(self.name, self.value, op="noise", distribution="gaussian", scale=INITIAL_SIGMA,
-                          learned=True, cut=cut, name=layer_name(cut))
+        return CutDefence(self.name, self.value, op="noise", distribution="gaussian",
+                          scale=INITIAL_SIGMA * self.ref.rms, learned=True, cut=cut, name=layer_name(cut))
 
     def penalty(self, batch):
         import keras
@@ -41,4 +45,5 @@ class VIB(Defence):
         log_sigma = batch.layer.log_scale
         # KL(N(mu, sigma^2) || N(0, 1)) per element = (mu^2 + sigma^2 - 1) / 2 - log sigma
         kl = 0.5 * (mu * mu + ops.exp(2.0 * log_sigma) - 1.0) - log_sigma
-        return self.value * ops.mean(ops.sum(ops.reshape(kl, (ops.shape(kl)[0], -1)), axis=1))
+        ramp = ops.minimum(1.0, batch.progress / WARMUP)
+        return ramp * self.value * ops.mean(ops.sum(ops.reshape(kl, (ops.shape(kl)[0], -1)), axis=1))
