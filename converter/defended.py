@@ -2,7 +2,7 @@
 
 ``edgesplit harden`` puts a :class:`CutDefence` layer right after the cut layer.  Its config
 *is* the declaration that ends up in the bundle's manifest (``protocol.defence.DefenceSpec``):
-the op the device applies (noise, dropout or nothing), its distribution, per-channel scale
+the op the device applies (noise, dropout or nothing), its distribution, noise scales
 or rate, and which method and strength trained it.  The layer is active whatever
 ``training`` says, so the hardened ``.keras`` behaves as the deployed split does: fresh
 noise or a fresh mask for every input, on every call.
@@ -37,8 +37,9 @@ def layer_name(cut: str) -> str:
 class CutDefence(keras.layers.Layer):
     """The defence at a cut, active at inference: noise, dropout, or the identity.
 
-    ``scale`` is the noise's standard deviation, one value or one per channel (last axis);
-    with ``learned`` it is a trainable weight (kept positive through its logarithm).
+    ``scale`` is the noise's standard deviation: one value, one per channel (last axis) or one
+    per element; with ``learned`` it is a trainable weight, one per element (kept positive
+    through its logarithm).
     """
 
     def __init__(self, method: str, strength: float, op: str = "none", distribution: str | None = None,
@@ -61,17 +62,19 @@ class CutDefence(keras.layers.Layer):
 
     def build(self, input_shape):
         if self.op == "noise":
-            channels = int(input_shape[-1])
+            shape = tuple(int(d) for d in input_shape[1:])
             init = np.asarray(self.initial_scale, np.float32)
-            if init.size not in (1, channels):
-                raise ValueError(f"CutDefence: {init.size} scales for {channels} channels")
-            init = np.broadcast_to(init, (channels,)) if self.learned else init
+            if init.size == int(np.prod(shape)):
+                init = init.reshape(shape)
+            elif init.size not in (1, shape[-1]):
+                raise ValueError(f"CutDefence: {init.size} scales for features of shape {list(shape)}")
+            init = np.broadcast_to(init, shape) if self.learned else init
             self.log_scale = self.add_weight(name="log_scale", shape=init.shape, trainable=self.learned,
                                              initializer=keras.initializers.Constant(np.log(np.maximum(init, 1e-12))))
         super().build(input_shape)
 
     def noise_scale(self):
-        """The noise's standard deviation per channel (a tensor), or None without noise."""
+        """The noise's standard deviation (a tensor: one value, per channel or per element), or None."""
         return None if self.log_scale is None else keras.ops.exp(self.log_scale)
 
     def call(self, x, training=None):
@@ -104,7 +107,7 @@ class CutDefence(keras.layers.Layer):
             return None
         if self.log_scale is None:
             return list(self.initial_scale)
-        return [float(v) for v in np.exp(np.asarray(self.log_scale.numpy(), np.float64))]
+        return [float(v) for v in np.exp(np.asarray(self.log_scale.numpy(), np.float64)).ravel()]
 
     def spec(self, head_scale: float | None = None, head_zero_point: int | None = None) -> DefenceSpec:
         """The manifest's declaration of this layer (with the head's output quantization when given)."""

@@ -467,7 +467,6 @@ def add_harden(sub):
 
 
 def run_harden(args) -> int:
-    _quiet_tensorflow()
     from auditor.defences.harden import harden, settings_from
 
     result = harden(args.model, args.cut, args.method, args.strength, sweep=args.sweep, strengths=args.strengths,

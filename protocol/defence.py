@@ -5,8 +5,8 @@ before they leave the device (noise, a dropout mask) is declared here, in the
 manifest's ``defence`` block, and applied by :meth:`DefenceSpec.apply` with a fresh
 random generator for every input.  The cloud only ever receives the defended tensor.
 
-* ``op = "noise"``: add noise of standard deviation ``scale`` (one value, or one per
-  channel: the last axis), Gaussian or Laplace;
+* ``op = "noise"``: add noise of standard deviation ``scale`` (one value, one per channel:
+  the last axis, or one per element of the tensor, in C order), Gaussian or Laplace;
 * ``op = "dropout"``: zero each element with probability ``rate`` and scale the rest by
   ``1 / (1 - rate)`` (inverted dropout, kept on at inference);
 * ``op = "none"``: the defence lives in the head's weights (NoPeek, adversarial training);
@@ -30,7 +30,7 @@ from protocol import tensors
 METHODS = ("noise", "dropout", "nopeek", "vib", "adversarial")
 OPS = ("none", "noise", "dropout")
 DISTRIBUTIONS = ("gaussian", "laplace")
-#: How many per-channel scales a manifest may carry (a wide dense cut has one per element).
+#: How many noise scales a manifest may carry (one per element of a 7x7x64 tensor is 3,136).
 MAX_SCALES = 1 << 16
 
 
@@ -109,8 +109,11 @@ class DefenceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             keep = rng.random(x.shape, dtype=np.float32) >= np.float32(self.rate)
             return np.where(keep, x / np.float32(1.0 - self.rate), np.float32(0.0)).astype(np.float32)
         scale = np.asarray(self.scale, np.float32)
-        if scale.size not in (1, x.shape[-1]):
-            raise ValueError(f"the defence has {scale.size} noise scales for features with {x.shape[-1]} channels")
+        if scale.size == int(np.prod(x.shape[1:])) and scale.size != x.shape[-1]:
+            scale = scale.reshape(x.shape[1:])          # one per element
+        elif scale.size not in (1, x.shape[-1]):
+            raise ValueError(f"the defence has {scale.size} noise scales for features of shape {list(x.shape[1:])} "
+                             f"(give 1, one per channel or one per element)")
         if self.distribution == "gaussian":
             noise = rng.standard_normal(x.shape, dtype=np.float32)
         else:  # Laplace of unit standard deviation: b = 1 / sqrt(2)

@@ -36,8 +36,8 @@ def verify_bundle(bundle, model, x) -> dict:
         same = bool(np.array_equal(a, b))
         out.update(identical=same)
         if not same:
-            raise CheckFailed(f"bundle {bundle.bundle_id} declares no noise but its head sent different tensors for the "
-                              f"same images ({float(np.mean(a != b)):.1%} of the elements)", fix=fix)
+            raise CheckFailed(f"bundle {bundle.bundle_id} declares no noise but its head sent different tensors "
+                              f"for the same images ({float(np.mean(a != b)):.1%} of the elements)", fix=fix)
         return out
     if op == "noise":
         declared = float(np.sqrt(np.mean(np.square(spec.scale))))

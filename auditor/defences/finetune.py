@@ -155,8 +155,8 @@ def harden_model(model, cut: str, method: str, strength: float, x_train, y_train
     rng = np.random.default_rng(settings.seed)
     order = rng.permutation(len(x_train))
     pos, history, window = 0, [], []
-    bar = tqdm(total=settings.steps, desc=f"harden {method} {strength:g}", unit="step", disable=None if progress else True,
-               leave=False)
+    bar = tqdm(total=settings.steps, desc=f"harden {method} {strength:g}", unit="step",
+               disable=None if progress else True, leave=False)
     for i in range(settings.steps):
         if pos + settings.batch_size > len(order):
             order, pos = rng.permutation(len(x_train)), 0

@@ -81,7 +81,8 @@ def parse_strengths(text) -> list | None:
     except ValueError:
         values = []
     if not values:
-        raise UsageError(f"--strengths {text!r} is not a comma-separated list of numbers", fix="e.g. --strengths 0.3,0.5")
+        raise UsageError(f"--strengths {text!r} is not a comma-separated list of numbers",
+                         fix="e.g. --strengths 0.3,0.5")
     return values
 
 

@@ -7,7 +7,7 @@ features' root mean square (measured once on training images), so it means the s
 every cut and for every model.
 
 Learned (``learned=True``, after Mireshghallah et al., Shredder, ASPLOS 2020): one noise
-scale per channel is trained with the tail, rewarded for growing (``- reward * mean log
+scale per element is trained with the tail, rewarded for growing (``- reward * mean log
 scale``) and held back only by the cross-entropy, so noise piles up where the task does not
 need the channel.
 """
@@ -24,7 +24,7 @@ SHREDDER_REWARD = 0.05
 class Noise(Defence):
     name = "noise"
     title = "noise at the cut"
-    reference = "additive noise; learned per channel as Shredder (Mireshghallah et al., ASPLOS 2020)"
+    reference = "additive noise; learned per element as Shredder (Mireshghallah et al., ASPLOS 2020)"
     strength = Strength(0.0, 20.0, "the noise's standard deviation in units of the clean features' RMS",
                         example=1.0)
     sweep = (0.5, 1.0, 2.0, 4.0)
@@ -52,5 +52,5 @@ class Noise(Defence):
         return -SHREDDER_REWARD * keras.ops.mean(batch.layer.log_scale)
 
     def describe(self) -> str:
-        how = "learned per channel from" if self.learned else "std"
+        how = "learned per element from" if self.learned else "std"
         return f"{self.distribution} noise, {how} {self.value:g} x feature RMS ({self.value * self.ref.rms:.4g})"

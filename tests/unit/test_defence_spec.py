@@ -27,6 +27,14 @@ def test_noise_is_fresh_per_call_and_has_the_declared_spread():
     np.testing.assert_allclose(a.std(axis=0), [0.5, 2.0], rtol=0.05)
 
 
+def test_one_scale_per_element_applies_element_by_element():
+    scale = [0.0, 1.0, 0.0, 3.0, 0.0, 0.0]                 # a (2, 3) tensor: two noisy elements
+    got = noise(scale=scale).apply(np.zeros((5000, 2, 3), np.float32))
+    np.testing.assert_allclose(got.std(axis=0).ravel(), scale, atol=0.1)
+    with pytest.raises(ValueError, match="6 noise scales"):
+        noise(scale=scale).apply(np.zeros((4, 5), np.float32))
+
+
 def test_laplace_noise_has_the_declared_standard_deviation():
     spec = noise(distribution="laplace", scale=[1.5])
     got = spec.apply(np.zeros((20000, 1), np.float32))
