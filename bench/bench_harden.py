@@ -9,7 +9,7 @@ Two measurements, both with ``auditor.defences`` exactly as ``edgesplit harden``
 
 1. **the sweep** (``edgesplit harden paper-cnn --cut pool2 --sweep``): every method at its four
    strengths, each fine-tuned, converted to int8, checked and attacked by the four attacks (quick
-   settings, ``auditor.defences.harden.QUICK_ATTACKS``) beside the label-only baselines; the table
+   settings, ``auditor.defences.points.QUICK_ATTACKS``) beside the label-only baselines; the table
    and the point chosen under ``--max-psnr 15`` and the default accuracy budget; wall time against
    the 30-minute target (with the load average: the machine is shared);
 2. **the target point** (the sweep's choice, or ``--method``/``--strength``), fine-tuned for
@@ -20,7 +20,6 @@ Two measurements, both with ``auditor.defences`` exactly as ``edgesplit harden``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -72,7 +71,7 @@ COLUMNS = ["point", "acc %", "d pp", "white-box dB", "decoder dB", "UnSplit dB",
 def run_sweep(args, rep: Report, sweep_dir: Path):
     from auditor.defences import sweep as sweep_mod
     from auditor.defences.finetune import FinetuneSettings
-    from auditor.defences.harden import HardenSettings
+    from auditor.defences.points import HardenSettings
     from protocol.errors import UsageError
 
     settings = HardenSettings(finetune=FinetuneSettings(steps=args.sweep_steps or (100 if args.quick else 400)),
@@ -128,7 +127,8 @@ def run_sweep(args, rep: Report, sweep_dir: Path):
 
 def run_target(args, rep: Report, sweep, out: Path):
     from auditor.defences.finetune import FinetuneSettings
-    from auditor.defences.harden import HardenSettings, harden
+    from auditor.defences.harden import harden
+    from auditor.defences.points import HardenSettings
 
     if args.method is not None:
         method, strength = args.method, args.strength

@@ -467,7 +467,8 @@ def add_harden(sub):
 
 
 def run_harden(args) -> int:
-    from auditor.defences.harden import harden, settings_from
+    from auditor.defences.harden import harden
+    from auditor.defences.points import settings_from
 
     result = harden(args.model, args.cut, args.method, args.strength, sweep=args.sweep, strengths=args.strengths,
                     data=args.data, out=args.out, min_accuracy=args.min_accuracy, max_psnr=args.max_psnr,

@@ -1,7 +1,7 @@
 """``edgesplit harden --sweep``: the privacy-accuracy curve of every method, its Pareto front, a choice.
 
 Each method is fine-tuned at each of its four strengths (``Defence.sweep``, or ``strengths``),
-converted, checked and attacked (``auditor.defences.harden.harden_point``); the unhardened
+converted, checked and attacked (``auditor.defences.points.harden_point``); the unhardened
 model is the reference.  A point's privacy is the PSNR of the strongest of the attacks on it
 (and what that is beyond the label-only baseline), its cost the int8 split test accuracy.
 
@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from auditor.defences.harden import (TABLE_HEADER, TABLE_NOTE, HardenSettings, Point, _finish, _prepare_out,
-                                     _promote, baseline_point, harden_point, make_context, slug)
+from auditor.defences.points import (TABLE_HEADER, TABLE_NOTE, HardenSettings, Point, finish_points, prepare_out,
+                                     promote, baseline_point, harden_point, make_context, slug)
 from protocol.errors import UsageError
 from protocol.tensors import json_default
 
@@ -211,7 +211,7 @@ def run_sweep(model, cut: str, method: str | None = None, *, strengths=None, dat
     if strengths is not None and method is None:
         raise UsageError("--strengths needs one --method (each method's strength means something else)",
                          fix="give --method, or drop --strengths to use every method's own four")
-    out = _prepare_out(out)
+    out = prepare_out(out)
     ctx = make_context(model, cut, data=data, name=name, settings=settings, progress=progress)
     log.info("sweep of %s at %s: %d points", ctx.name, ctx.cut, len(plan))
     base = baseline_point(ctx, out / "points" / "unhardened")
@@ -232,12 +232,12 @@ def run_sweep(model, cut: str, method: str | None = None, *, strengths=None, dat
         raise UsageError(f"the sweep ran, but {result.reason}",
                          fix=f"relax --min-accuracy or --max-psnr (every point is in {out / 'sweep.json'}), or "
                              f"sweep other --strengths")
-    _promote(result.chosen_point(), out)
+    promote(result.chosen_point(), out)
     return result
 
 
 def _result(ctx, base, points, min_accuracy, max_psnr, settings, t0, out, partial=False) -> SweepResult:
-    _finish(base, points)
+    finish_points(base, points)
     for p in [base] + points:
         p.pareto = p.chosen = False
         p.reason = None

@@ -150,8 +150,9 @@ def test_each_mistake_gets_one_message_and_exit_2(args, message, tmp_path):
 
 
 def test_a_sweep_whose_budget_no_point_meets_says_so_after_writing_every_point(tmp_path):
-    from auditor.defences.harden import HardenSettings, harden
     from auditor.defences.finetune import FinetuneSettings
+    from auditor.defences.harden import harden
+    from auditor.defences.points import HardenSettings
 
     settings = HardenSettings(finetune=FinetuneSettings(steps=20), test_n=200, victims=50, aux_n=500,
                               attacks=("decoder", "label_mean"),
