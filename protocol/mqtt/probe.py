@@ -88,8 +88,8 @@ def nagle_advice(rtts: list[float] | None, host: str) -> str | None:
     if median < NAGLE_MS or not _near(host):
         return None
     return (f"a message takes {median:.0f} ms through the broker at {host} and back, on a loopback or LAN "
-            f"address where about 1 ms is usual: that is Nagle's algorithm meeting delayed ACKs on the broker's "
-            f"connections. Fix: put `set_tcp_nodelay true` in mosquitto.conf (edgesplit's generated configs do) "
+            f"address where about 1 ms is usual: that looks like Nagle's algorithm meeting delayed ACKs on the "
+            f"broker's connections (unless the link itself adds delay). Fix: put `set_tcp_nodelay true` in mosquitto.conf (edgesplit's generated configs do) "
             f"and restart the broker")
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from deploy.broker import free_port
-from device.doctor import FAIL, OK, run_doctor
+from device.doctor import OK, WARN, run_doctor
 from protocol.mqtt.probe import nagle_advice, round_trip_ms
 
 pytestmark = pytest.mark.timeout(120)
@@ -27,7 +27,7 @@ def test_doctor_finds_nagle_on_a_stock_mosquitto_and_not_on_ours(make_mosquitto,
     stock = make_mosquitto(config_path=conf)
     checks = {c.name: c for c in run_doctor(broker=stock.url, skip=("bundle", "camera")).checks}
     rt = checks["round trip"]
-    assert rt.status == FAIL and "Nagle" in rt.detail and "set_tcp_nodelay true" in rt.fix, rt
+    assert rt.status == WARN and "Nagle" in rt.detail and "set_tcp_nodelay true" in rt.fix, rt
     checks = {c.name: c for c in run_doctor(broker=mosquitto_broker.url, skip=("bundle", "camera")).checks}
     assert checks["round trip"].status == OK, checks["round trip"]
     assert round_trip_ms(mosquitto_broker.url, rounds=3)                 # three round trips, all back
