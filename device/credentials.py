@@ -50,13 +50,22 @@ class Credentials:
     source: str = "none"
 
 
+def _is_file(p: Path) -> bool | None:
+    """Is ``p`` a file?  None when its directory cannot be looked into: the device package's root-only
+    ``/etc/edgesplit/credentials`` seen by the service's user, whose secrets come through LoadCredential=."""
+    try:
+        return p.is_file()
+    except PermissionError:
+        return None
+
+
 def directory_facts(directory: str | os.PathLike, *, error=None) -> dict:
     """What ``broker.json`` says (broker_url, device_id, fleet, username, client_id, password_file, ca_file);
-    ``{}`` when the directory has none.  A cloud user's directory is refused."""
+    ``{}`` when the directory has none (or cannot be looked into).  A cloud user's directory is refused."""
     error = _errors(error)
     d = Path(directory)
     p = d / BROKER_JSON
-    if not p.is_file():
+    if not _is_file(p):
         return {}
     try:
         info = json.loads(p.read_text())
@@ -139,7 +148,7 @@ def read_credentials(directory: str | os.PathLike | None, *, password_file: str 
     password = ca = key = None
     p = pick(CREDENTIAL_NAMES["password"], password_file)
     if p is not None:
-        if not p.is_file():
+        if _is_file(p) is False:
             if password_file:
                 raise error(f"the broker password file {p} does not exist",
                             fix="copy devices/<id>/password from `edgesplit broker config` there, or set "
@@ -150,7 +159,10 @@ def read_credentials(directory: str | os.PathLike | None, *, password_file: str 
             if not password:
                 raise error(f"the broker password file {p} is empty", fix="put the device's password in it")
     p = pick(CREDENTIAL_NAMES["ca"], ca_file)
-    if p is not None and p.is_file():
+    ca_there = _is_file(p) if p is not None else False
+    if ca_there is None and ca_file in ("", "ca.crt"):
+        ca_there = False                 # the default CA, not shipped (so not handed over): the system store
+    if p is not None and ca_there is not False:
         _read_secret(p, "broker CA certificate", error)   # readable?
         ca = str(p)
         where.append(str(p.parent))
@@ -161,7 +173,7 @@ def read_credentials(directory: str | os.PathLike | None, *, password_file: str 
     if kp is None and key_file:          # a key named without a credentials directory: from here
         kp = Path(key_file)
     if kp is not None:
-        if not kp.is_file():
+        if _is_file(kp) is False:
             raise error(f"the frame key file {kp} does not exist",
                         fix="copy the device's key there (edgesplit keys), or set `agent.key_file = \"\"`")
         _read_secret(kp, "frame key file", error)

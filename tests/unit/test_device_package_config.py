@@ -118,6 +118,56 @@ def test_credentials_come_from_systemd_first_then_the_folder(tmp_path):
             resolve_credentials(cfg, env={})
 
 
+_READ_AS_SERVICE = """
+import json, sys
+from device.credentials import read_credentials
+from protocol.errors import ConfigError
+try:
+    c, _ = read_credentials(sys.argv[1], password_file="password", ca_file="ca.crt", systemd_dir=sys.argv[2] or None)
+    print(json.dumps({"password": c.password, "ca": c.ca_path, "source": c.source}))
+except ConfigError as exc:
+    print(json.dumps({"error": exc.message}))
+"""
+
+
+def test_the_service_user_reads_a_root_only_folder_through_systemd(open_dir):
+    """The installed layout: /etc/edgesplit/credentials is root's alone (0700), so the service's own user
+    cannot even look into it; its password comes from $CREDENTIALS_DIRECTORY (LoadCredential=)."""
+    import json
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    if python is None:
+        pytest.skip("needs /usr/bin/python3 (run as another user, who cannot use this venv)")
+    creds, sd = open_dir / "credentials", open_dir / "sd"
+    creds.mkdir()
+    (creds / "password").write_text("on-disk-pw\n")
+    sd.mkdir()
+    (sd / CREDENTIAL_NAMES["password"]).write_text("handed-over-pw")
+    if os.geteuid() == 0:      # the service's user: nobody, against root's 0700 folder
+        creds.chmod(0o700)
+        def as_service():
+            os.setgid(65534)
+            os.setuid(65534)
+    else:                      # no root: a folder its owner cannot look into either
+        creds.chmod(0)
+        as_service = None
+    try:
+        def read(systemd_dir: str) -> dict:
+            out = subprocess.run([python, "-I", "-c", f"import sys; sys.path.insert(0, {str(Path.cwd())!r})\n"
+                                  + _READ_AS_SERVICE, str(creds), systemd_dir], capture_output=True, text=True,
+                                 preexec_fn=as_service, cwd="/")
+            assert out.returncode == 0, out.stderr[-2000:]
+            return json.loads(out.stdout)
+        assert read(str(sd)) == {"password": "handed-over-pw", "ca": None, "source": "systemd credentials"}
+        # run by hand by another user: one clear error, no traceback
+        assert "permission denied" in read("")["error"]
+    finally:
+        creds.chmod(0o700)
+
+
 def test_anonymous_broker_needs_no_credentials(tmp_path):
     cfg = parse_config({"device_id": "d", "bundle": "/b", "broker": {"url": "mqtt://h:1883"}})
     c = resolve_credentials(cfg, env={})
