@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 #: parity threshold applied when the user sets none, by model name
 DEFAULT_MIN_AGREEMENT = {"paper-cnn": 0.99}
 CALIBRATION_SEED = 0
+DEFAULT_CALIBRATION = 500
 
 # Keras top-1 on the parity images is the same for every cut of a model: compute it once.
 _KERAS_PRED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -55,6 +56,8 @@ class ConvertResult:
     tarball_bytes: int | None
     requant_exact: bool | None
     seconds: dict = field(default_factory=dict)
+    input_origin: str = ""
+    split: object = None          # converter.userdata.Split for --data images
 
     @property
     def agreement(self) -> float:
@@ -80,8 +83,11 @@ class ConvertResult:
             f"bundle   {self.bundle_dir}  (id {m.bundle_id})",
             f"tarball  {self.tarball}  {_kb(self.tarball_bytes)}" if self.tarball else "tarball  not written",
             f"model    {m.model}  cut {m.cut}  quant {m.quant}",
-            f"input    {list(m.input.shape)} {m.input.dtype}  ({m.input.preprocess.color_mode}, "
-            f"(pixel - {m.input.preprocess.mean}) / {m.input.preprocess.std})",
+            f"input    {list(m.input.shape)} {m.input.dtype}  {m.input.preprocess.describe()}"
+            + (f"\n         scaling from {self.input_origin}" if self.input_origin else ""),
+            *([f"data     {self.split.describe()}"] if self.split is not None else []),
+            f"output   {list(m.output.shape)} {m.output.kind}, {len(m.labels)} classes: "
+            + ", ".join(m.labels[:6]) + (", ..." if len(m.labels) > 6 else ""),
             f"feature  {list(f.shape)} {f.dtype}  {f.nbytes} bytes per image{quant}",
             f"files    head.tflite {_kb(self.head_bytes)}  tail.tflite {_kb(self.tail_bytes)}",
             f"parity   {self.parity.summary()}  {'PASSED' if self.parity.passed else 'FAILED'}",
@@ -98,23 +104,33 @@ def _kb(n: int | None) -> str:
 
 @dataclass
 class _Source:
-    """A resolved model with the data and labels that go with it."""
+    """A resolved model with the data, labels and input spec that go with it."""
 
     model: object
     name: str
-    data: object          # x_train, y_train, x_test, y_test
+    data: object          # x_train, y_train, x_test, y_test (model input)
     data_name: str
     labels: list[str]
-    value_range: tuple[float, float]
+    input: object         # converter.inputspec.Resolved
+    dataset: mf.Dataset | None = None
+    source_model: mf.SourceModel | None = None
+    split: object = None  # converter.userdata.Split for --data images
 
 
-def _resolve(model, data, labels, name=None) -> _Source:
-    """Model argument -> keras model, name, datasets and labels (zoo entries bring their own)."""
+def _resolve(model, data, labels, name=None, *, preprocess=None, test_split=None, seed=0,
+             progress=True) -> _Source:
+    """Model argument -> keras model, name, datasets, labels and input spec (zoo entries bring their own).
+
+    ``data``: None (the zoo's, or MNIST for an MNIST-shaped model), an object with
+    ``x_train, y_train, x_test, y_test`` already scaled as the model's input, a ``--data`` SPEC
+    (folder or .npz: :func:`converter.userdata.load_data`) or a loaded ``ImageData``.
+    """
     import keras
 
-    from converter import zoo
+    from converter import inputspec, userdata, zoo
 
     entry = None
+    source_model = None
     if isinstance(model, keras.Model):
         keras_model = model
         # a loaded zoo model passed with its zoo name is that zoo entry (data, labels, thresholds)
@@ -130,56 +146,103 @@ def _resolve(model, data, labels, name=None) -> _Source:
             stem = Path(text).stem
             if stem in zoo.ZOO and Path(text).resolve() == zoo.cached_paths(stem)[0].resolve():
                 entry = zoo.ZOO[stem]
+            else:
+                path = Path(text).expanduser().resolve()
+                source_model = mf.SourceModel(file=str(path), sha256=mf.sha256_file(path))
             name = name or (entry.name if entry is not None else stem)
-    value_range = (0.0, 1.0)
+    check_model(keras_model, name)
+    n_out = int(np.prod(keras_model.outputs[0].shape[1:]))
+    if isinstance(data, (str, os.PathLike)):
+        data = userdata.load_data(data, test_split=test_split, seed=seed)
+    elif test_split is not None:
+        raise UsageError("--test-split only applies to --data images", fix="give --data, or drop --test-split")
+    if isinstance(data, userdata.ImageData):
+        names = data.check_outputs(n_out, repr(name))
+        labels = list(labels) if labels is not None else names
+        resolved = inputspec.resolve(keras_model, preprocess=preprocess, data=data, n_outputs=n_out, name=repr(name))
+        split = data.split
+        bound = data.for_input(resolved.spec, progress=progress)
+        return _Source(keras_model, name, bound, f"{Path(split.source).name} ({split.kind})", [str(v) for v in labels],
+                       resolved, split.to_manifest(), source_model, split)
+
     data_name = "given"
+    value_range = None
+    dataset = None
     if entry is not None:
-        value_range = tuple(float(v) for v in entry.input_spec.get("range", value_range))
+        value_range = tuple(float(v) for v in entry.input_spec.get("range", (0.0, 1.0)))
         labels = list(labels) if labels is not None else list(entry.labels)
         if data is None:
             data, data_name = zoo.load_dataset(entry), entry.dataset
-    _check_image_input(keras_model)
-    n_out = int(np.prod(keras_model.outputs[0].shape[1:]))
+            dataset = mf.Dataset(source=entry.dataset, kind="zoo", n_train=len(data.x_train), n_test=len(data.x_test))
     if data is None:
         if tuple(keras_model.inputs[0].shape[1:]) == (28, 28, 1) and n_out == 10:
             from converter import datasets
 
             data, data_name = datasets.load_mnist(), "mnist"
             labels = list(labels) if labels is not None else list(datasets.LABELS)
+            value_range = value_range or (0.0, 1.0)
+            dataset = mf.Dataset(source="mnist", kind="zoo", n_train=len(data.x_train), n_test=len(data.x_test))
         else:
             raise UsageError(f"no calibration and test images are known for model {name!r} (input "
-                             f"{tuple(keras_model.inputs[0].shape[1:])}, {n_out} outputs)",
-                             fix="use a zoo model, an MNIST-shaped model (28x28x1 -> 10), or call "
-                                 "converter.bundle.convert(..., data=Mnist-like(x_train, y_train, x_test, y_test))")
+                             f"{list(keras_model.inputs[0].shape[1:])}, {n_out} outputs)",
+                             fix="give your labelled images with --data: a folder of class folders, a folder with "
+                                 "labels.csv (file,label), or an .npz with x_train, y_train, x_test, y_test")
+    elif dataset is None:
+        dataset = mf.Dataset(source="arrays given to convert()", kind="arrays", n_train=len(data.x_train),
+                             n_test=len(data.x_test))
+        if value_range is None:
+            value_range = _array_range(data)
     if labels is None:
         labels = [str(i) for i in range(n_out)]
-    return _Source(keras_model, name, data, data_name, [str(v) for v in labels], value_range)
+    resolved = inputspec.resolve(keras_model, preprocess=preprocess, value_range=value_range, name=repr(name))
+    return _Source(keras_model, name, data, data_name, [str(v) for v in labels], resolved, dataset, source_model)
 
 
-def _check_image_input(model) -> None:
+def _array_range(data) -> tuple[float, float]:
+    """The range float arrays given to the API are scaled to: [0, 1] unless they say otherwise."""
+    x = np.asarray(data.x_test[:256], np.float32)
+    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 1.0)
+    if lo < -1e-4:
+        return (-1.0, 1.0)
+    if hi > 1.0 + 1e-4:
+        return (0.0, 255.0)
+    return (0.0, 1.0)
+
+
+def check_model(model, name=None) -> None:
+    """One image input, one classifier output: else one UsageError saying what is supported."""
+    name = name or model.name
+    supported = ("edgesplit splits image classifiers: one input of shape (height, width, 1 or 3) float, one "
+                 "output of class scores (softmax or logits)")
     if len(model.inputs) != 1:
-        raise UsageError(f"model {model.name!r} has {len(model.inputs)} inputs; a bundle's head takes one image",
-                         fix="convert a model with a single image input (height, width, 1 or 3 channels)")
+        raise UsageError(f"model {name!r} has {len(model.inputs)} inputs; a bundle's head takes one image. {supported}",
+                         fix="convert a model with a single image input (e.g. wrap the image branch in its own "
+                             "keras.Model)")
     shape = tuple(model.inputs[0].shape[1:])
     dtype = str(getattr(model.inputs[0], "dtype", "float32"))
     if len(shape) != 3 or shape[-1] not in (1, 3) or None in shape or "float" not in dtype:
-        raise UsageError(f"model {model.name!r} takes input of shape {shape} ({dtype}), which is not an image: "
-                         f"edgesplit needs (height, width, 1 or 3 channels) float input",
-                         fix="convert an image model (e.g. `edgesplit convert paper-cnn ...`)")
-
-
-def _preprocess(shape, value_range) -> mf.Preprocess:
-    """Pixels 0..255 -> value_range, as (pixel - mean) / std."""
-    lo, hi = value_range
-    std = 255.0 / (hi - lo)
-    mean = 0.0 - lo * std + 0.0  # + 0.0: no -0.0 in the manifest
-    h, w, c = shape
-    return mf.Preprocess(color_mode="L" if c == 1 else "RGB", resize=(w, h), resample="bilinear",
-                         mean=float(mean), std=float(std), value_range=(float(lo), float(hi)))
+        hint = (" (its height and width are not fixed: build it with input_shape=(H, W, C))"
+                if len(shape) == 3 and None in shape[:2] else "")
+        raise UsageError(f"model {name!r} takes input of shape {shape} ({dtype}), which is not an image{hint}: "
+                         f"{supported}", fix="convert an image model (e.g. `edgesplit convert paper-cnn ...`)")
+    if len(model.outputs) != 1:
+        raise UsageError(f"model {name!r} has {len(model.outputs)} outputs; the tail answers one. {supported}",
+                         fix="convert a model with one classification output (keras.Model(inputs, outputs[0]))")
+    out = tuple(model.outputs[0].shape[1:])
+    if len(out) != 1 or out[0] is None or out[0] < 2:
+        raise UsageError(f"model {name!r} outputs shape {out}; {supported}, at least 2 classes"
+                         + (" (a single sigmoid output: give it 2 softmax outputs instead)" if out == (1,) else ""),
+                         fix="convert a classifier whose last layer gives one score per class")
 
 
 def _output_kind(model) -> str:
-    last = model.layers[-1]
+    """``probabilities`` when the output comes from a softmax, else ``logits``."""
+    try:
+        last = model.outputs[0]._keras_history.operation
+    except AttributeError:
+        last = model.layers[-1]
+    while hasattr(last, "layers") and last.layers:   # a nested model as the last layer: its own last layer
+        last = last.layers[-1]
     act = getattr(last, "activation", None)
     if type(last).__name__ == "Softmax" or getattr(act, "__name__", "") == "softmax":
         return "probabilities"
@@ -236,28 +299,41 @@ def _fingerprint(arrays) -> str:
 
 
 def _calibration_images(calibration, x_train) -> tuple[np.ndarray, int]:
+    """``calibration`` training images: an array as given, a count (seeded choice), or None (500, or all)."""
     if isinstance(calibration, np.ndarray):
         if len(calibration) < 1:
             raise UsageError("no calibration images given", fix="pass at least one training image")
         return np.asarray(calibration, np.float32), len(calibration)
-    n = int(calibration)
-    if n < 1:
-        raise UsageError(f"--calibration must be at least 1, got {n}", fix="use e.g. --calibration 500")
-    if n > len(x_train):
-        log.warning("only %d training images: calibrating on all of them", len(x_train))
-        n = len(x_train)
+    if calibration is None:
+        n = min(DEFAULT_CALIBRATION, len(x_train))
+        if n < DEFAULT_CALIBRATION:
+            log.info("calibrating on all %d training images", n)
+    else:
+        n = int(calibration)
+        if n < 1:
+            raise UsageError(f"--calibration must be at least 1, got {n}", fix="use e.g. --calibration 500")
+        if n > len(x_train):
+            from converter.userdata import DataError
+
+            raise DataError(f"--calibration {n} asks for more images than the {len(x_train)} training images there "
+                            "are", fix=f"use --calibration {len(x_train)} or fewer (or omit it: up to "
+                                       f"{DEFAULT_CALIBRATION}), or give more images")
     idx = np.sort(np.random.default_rng(CALIBRATION_SEED).choice(len(x_train), size=n, replace=False))
     return np.asarray(x_train[idx], np.float32), n
 
 
-def convert(model, cut: str, quant: str = "int8", calibration=500, out=None, min_agreement: float | None = None,
+def convert(model, cut: str, quant: str = "int8", calibration=None, out=None, min_agreement: float | None = None,
             parity_n: int = 2000, *, data=None, labels=None, name: str | None = None, keras_tail: bool = False,
+            preprocess=None, test_split: float | None = None, seed: int = 0,
             progress: bool = True) -> ConvertResult:
     """Split ``model`` at ``cut``, quantize, write the bundle at ``out`` (+ ``out.tar.gz``), check parity.
 
     ``model``: zoo name, ``.keras`` path or ``keras.Model``.  ``calibration``: number of
-    training images (or an array of them) for int8.  ``data``: an object with
-    ``x_train, y_train, x_test, y_test`` for models outside the zoo; ``name``: the model name written
+    training images (default 500, or all when there are fewer; or an array of them) for int8.
+    ``data``: the ``--data`` SPEC (a folder or .npz, see :mod:`converter.userdata`, split with
+    ``test_split`` and ``seed``), or an object with ``x_train, y_train, x_test, y_test`` already
+    scaled as the model's input; ``preprocess``: the ``--preprocess`` text (see
+    :mod:`converter.inputspec`); ``name``: the model name written
     in the manifest (a zoo name given with a ``keras.Model`` brings that entry's data and labels).  Raises
     UsageError for user mistakes and CheckFailed when parity is under ``min_agreement``
     (default 0.99 for paper-cnn); a failed bundle stays in ``out`` for inspection, without tarball.
@@ -276,7 +352,8 @@ def convert(model, cut: str, quant: str = "int8", calibration=500, out=None, min
     out = _prepare_out(out)
 
     log.info("convert: loading %s", model if isinstance(model, (str, os.PathLike)) else getattr(model, "name", model))
-    src = _resolve(model, data, labels, name)
+    src = _resolve(model, data, labels, name, preprocess=preprocess, test_split=test_split, seed=seed,
+                   progress=progress)
     keras_model = src.model
     if min_agreement is None:
         min_agreement = DEFAULT_MIN_AGREEMENT.get(src.name)
@@ -309,9 +386,7 @@ def convert(model, cut: str, quant: str = "int8", calibration=500, out=None, min
     n = min(int(parity_n), n_test)
     draft = mf.Manifest(
         schema_version=mf.SCHEMA_VERSION, bundle_id="0" * 16, model=src.name, cut=split.cut, quant=quant,
-        input=mf.InputSpec(shape=tuple(int(d) for d in keras_model.inputs[0].shape[1:]),
-                           dtype=converted.input_dtype,
-                           preprocess=_preprocess(keras_model.inputs[0].shape[1:], src.value_range)),
+        input=msgspec.structs.replace(src.input.spec, dtype=converted.input_dtype),
         feature=mf.FeatureSpec(shape=split.feature_shape, dtype=converted.feature_dtype,
                                scale=converted.feature_scale, zero_point=converted.feature_zero_point),
         output=mf.OutputSpec(shape=tuple(int(d) for d in keras_model.outputs[0].shape[1:]),
@@ -321,7 +396,7 @@ def convert(model, cut: str, quant: str = "int8", calibration=500, out=None, min
                                     source="images given by the caller" if isinstance(calibration, np.ndarray)
                                     else f"{src.data_name} training images")
                      if quant == "int8" else None),
-        parity=None,
+        parity=None, dataset=src.dataset, source_model=src.source_model,
         defence=defence.spec(converted.head_scale, converted.head_zero_point) if defence is not None else None)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be copied and served
@@ -371,7 +446,8 @@ def convert(model, cut: str, quant: str = "int8", calibration=500, out=None, min
     res = ConvertResult(bundle_dir=out, tarball=tarball if result.passed else None, manifest=final, parity=result,
                         head_bytes=len(converted.head), tail_bytes=len(converted.tail),
                         tarball_bytes=tarball.stat().st_size if result.passed else None,
-                        requant_exact=converted.requant_exact, seconds=times)
+                        requant_exact=converted.requant_exact, seconds=times, input_origin=src.input.origin,
+                        split=src.split)
     log.info("convert: %s", result.summary())
     if not result.passed:
         raise CheckFailed(

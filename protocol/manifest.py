@@ -35,7 +35,10 @@ from protocol.errors import BundleError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+#: written by this edgesplit; 2 added input.preprocess.fit/crop, dataset and source_model
+SCHEMA_VERSION = 2
+#: read by this edgesplit (a version 1 manifest is a version 2 one without the new keys)
+READ_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 HEAD_FILE = "head.tflite"
 TAIL_FILE = "tail.tflite"
@@ -63,10 +66,14 @@ _REBUILD = "re-run `edgesplit convert` to rebuild the bundle"
 class Preprocess(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """How a device turns an image file into the head's input, step by step.
 
-    1. ``PIL.Image.open(f).convert(color_mode)``;
-    2. if its size is not ``resize`` (width, height): ``.resize(resize, resample)``;
-    3. ``np.asarray(img, np.float32)``, shaped like ``InputSpec.shape``;
-    4. ``(pixels - mean) / std`` in float32 (per channel when lists), which lands in ``value_range``.
+    1. ``PIL.Image.open(f)`` (EXIF orientation applied), ``.convert(color_mode)``;
+    2. unless it already has that size, resize to ``resize`` (width, height) with ``resample``:
+       ``fit`` ``stretch`` resizes to exactly that size, ``cover`` keeps the aspect ratio, scaling
+       until the image covers it and cutting the overflow equally from both sides
+       (Pillow's ``ImageOps.fit``);
+    3. when ``crop`` (width, height) is set, keep the centred window of that size;
+    4. ``np.asarray(img, np.float32)``, shaped like ``InputSpec.shape``;
+    5. ``(pixels - mean) / std`` in float32 (per channel when lists), which lands in ``value_range``.
     """
 
     color_mode: Literal["L", "RGB"]
@@ -75,6 +82,8 @@ class Preprocess(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     mean: Union[float, list[float]] = 0.0
     std: Union[float, list[float]] = 255.0
     value_range: tuple[float, float] = (0.0, 1.0)
+    fit: Literal["stretch", "cover"] = "stretch"          # schema 2
+    crop: Optional[tuple[_Dim, _Dim]] = None              # schema 2
 
     def __post_init__(self):
         channels = 1 if self.color_mode == "L" else 3
@@ -86,13 +95,58 @@ class Preprocess(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 raise ValueError(f"{name} must be finite")
         if any(x == 0 for x in np.atleast_1d(self.std)):
             raise ValueError("std must not be 0")
-        lo = np.min((0.0 - np.asarray(self.mean)) / np.asarray(self.std))
-        hi = np.max((255.0 - np.asarray(self.mean)) / np.asarray(self.std))
-        lo, hi = min(lo, hi), max(lo, hi)
+        lo, hi = self.bounds()
+        lo, hi = float(np.min(lo)), float(np.max(hi))
         if not (abs(lo - self.value_range[0]) <= 1e-6 * max(1, abs(lo))
                 and abs(hi - self.value_range[1]) <= 1e-6 * max(1, abs(hi))):
             raise ValueError(f"value_range {list(self.value_range)} does not follow from mean/std "
                              f"(pixels 0..255 give {lo:g}..{hi:g})")
+        if self.crop is not None and (self.crop[0] > self.resize[0] or self.crop[1] > self.resize[1]):
+            raise ValueError(f"crop {list(self.crop)} is larger than resize {list(self.resize)}")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the image at the end: the crop, or the resize when there is none."""
+        return tuple(self.crop) if self.crop is not None else tuple(self.resize)
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel (low, high) of the head's input for pixels 0..255 (float64 arrays of 1 or C values)."""
+        a = (0.0 - np.asarray(self.mean, np.float64)) / np.asarray(self.std, np.float64)
+        b = (255.0 - np.asarray(self.mean, np.float64)) / np.asarray(self.std, np.float64)
+        return np.atleast_1d(np.minimum(a, b)), np.atleast_1d(np.maximum(a, b))
+
+    def to_pixels(self, x: np.ndarray) -> np.ndarray:
+        """Head input -> pixels in [0, 1] (float32, per channel): the inverse of step 5, divided by 255.
+
+        What the auditor shows and scores reconstructions in.
+        """
+        p = np.asarray(x, np.float32) * np.asarray(self.std, np.float32) + np.asarray(self.mean, np.float32)
+        return np.clip(p / np.float32(255.0), 0.0, 1.0).astype(np.float32, copy=False)
+
+    def describe(self) -> str:
+        """One line for people, e.g. ``RGB, resize to 96x96 (bilinear), (pixel - 127.5) / 127.5 -> [-1, 1]``."""
+        w, h = self.resize
+        geo = f"resize to {w}x{h} ({self.resample}{', keep aspect, crop overflow' if self.fit == 'cover' else ''})"
+        if self.crop is not None:
+            geo += f", centre crop {self.crop[0]}x{self.crop[1]}"
+
+        def num(v):
+            return "/".join(f"{x:g}" for x in v) if isinstance(v, list) else f"{v:g}"
+
+        lo, hi = self.value_range
+        return f"{self.color_mode}, {geo}, (pixel - {num(self.mean)}) / {num(self.std)} -> [{lo:g}, {hi:g}]"
+
+    def to_option(self) -> str:
+        """The ``--preprocess`` text that gives this spec (with the model's input size)."""
+        def num(v):
+            return ":".join(f"{x:.10g}" for x in v) if isinstance(v, list) else f"{v:.10g}"
+
+        parts = [f"mean={num(self.mean)}", f"std={num(self.std)}", f"resample={self.resample}"]
+        if self.fit != "stretch":
+            parts.append(f"fit={self.fit}")
+        if self.crop is not None:
+            parts.append(f"resize={self.resize[0]}x{self.resize[1]}")
+        return ",".join(parts)
 
 
 class InputSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -108,13 +162,16 @@ class InputSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if c != channels:
             raise ValueError(f"shape {list(self.shape)} has {c} channel(s) but color_mode is "
                              f"{self.preprocess.color_mode}")
-        if tuple(self.preprocess.resize) != (w, h):
+        if self.preprocess.crop is not None:
+            if tuple(self.preprocess.crop) != (w, h):
+                raise ValueError(f"preprocess.crop {list(self.preprocess.crop)} must be [width, height] = [{w}, {h}]")
+        elif tuple(self.preprocess.resize) != (w, h):
             raise ValueError(f"preprocess.resize {list(self.preprocess.resize)} must be [width, height] = [{w}, {h}]")
 
     def pixels_to_input(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 pixels (H, W) or (H, W, C), or a batch of them -> float32 head input with a batch axis.
 
-        The Pillow part (open, convert, resize) is the device's; this is the rest,
+        The Pillow part (open, convert, resize, crop) is the device's; this is the rest,
         so that it is computed the same way everywhere.
         """
         p = np.asarray(pixels)
@@ -209,6 +266,30 @@ class Calibration(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     seed: int
 
 
+class Dataset(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The labelled images calibration and parity used, and how they were split (schema 2).
+
+    ``test_split`` is the fraction held out by a seeded, per-class split when the source
+    had one set of images; ``None`` when it brought its own train and test sets.
+    Calibration (and an auditor's attacker) only ever see the train side; parity (and the
+    attacked images) only the test side.
+    """
+
+    source: str
+    kind: Literal["folders", "labels.csv", "npz", "arrays", "zoo"]
+    n_train: Annotated[int, msgspec.Meta(ge=0)]
+    n_test: Annotated[int, msgspec.Meta(ge=0)]
+    test_split: Optional[Annotated[float, msgspec.Meta(gt=0.0, lt=1.0)]] = None
+    seed: int = 0
+
+
+class SourceModel(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The Keras file the bundle was made from, so the auditor can find it again (schema 2)."""
+
+    file: str
+    sha256: _Sha256
+
+
 class Parity(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Top-1 comparison of the real TFLite head+tail with the Keras model on held-out images."""
 
@@ -238,7 +319,9 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tools: dict[str, str]
     calibration: Optional[Calibration] = None
     parity: Optional[Parity] = None
-    defence: Optional[DefenceSpec] = None   # applied on the device before sending (protocol.defence)
+    defence: Optional[DefenceSpec] = None   # schema 2: applied on the device before sending (protocol.defence)
+    dataset: Optional[Dataset] = None              # schema 2
+    source_model: Optional[SourceModel] = None     # schema 2
 
     def __post_init__(self):
         if self.quant == "int8" and not self.feature.quantized:
@@ -258,7 +341,15 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         """The command that makes this bundle (for error messages that say how to rebuild it)."""
         if self.defence is not None:
             return self.defence.harden_command(self.model, self.cut, out)
-        cmd = f"edgesplit convert {self.model} --cut {self.cut} --quant {self.quant}"
+        model = self.source_model.file if self.source_model is not None else self.model
+        cmd = f"edgesplit convert {model} --cut {self.cut} --quant {self.quant}"
+        if self.dataset is not None and self.dataset.kind in ("folders", "labels.csv", "npz"):
+            cmd += f" --data {self.dataset.source}"
+            if self.dataset.test_split is not None:
+                cmd += f" --test-split {self.dataset.test_split:g}"
+            if self.dataset.seed:
+                cmd += f" --seed {self.dataset.seed}"
+            cmd += f" --preprocess {self.input.preprocess.to_option()}"
         if self.calibration is not None and self.quant == "int8":
             cmd += f" --calibration {self.calibration.n}"
         return cmd + (f" --out {out}" if out is not None else "")
@@ -295,10 +386,11 @@ def parse_manifest(raw: dict | bytes | str, where: str = MANIFEST_NAME) -> Manif
     version = raw["schema_version"]
     if not isinstance(version, int) or isinstance(version, bool):
         raise BundleError(f"{where}: `schema_version` must be an integer, found {version!r}", fix=_REBUILD)
-    if version != SCHEMA_VERSION:
+    if version not in READ_VERSIONS:
         newer = version > SCHEMA_VERSION
         raise BundleError(
-            f"{where} has schema_version {version}; this edgesplit reads schema_version {SCHEMA_VERSION}",
+            f"{where} has schema_version {version}; this edgesplit reads schema_version "
+            f"{' and '.join(str(v) for v in READ_VERSIONS)}",
             fix="upgrade edgesplit on this machine" if newer else
             "re-run `edgesplit convert` with this edgesplit to rebuild the bundle")
     try:

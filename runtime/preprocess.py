@@ -5,9 +5,14 @@ is followed step by step with Pillow:
 
 1. open the file (EXIF orientation applied, so a phone photo is upright) and
    ``convert(color_mode)``;
-2. ``resize((width, height), resample)`` when the size differs;
-3. uint8 pixels → ``InputSpec.pixels_to_input`` (``(pixels - mean) / std`` in
+2. when the size differs, resize to ``resize`` with ``resample``: stretched to it, or
+   (``fit = "cover"``) keeping the aspect ratio and cutting the overflow (``ImageOps.fit``);
+3. the centred ``crop`` window, when the manifest has one;
+4. uint8 pixels → ``InputSpec.pixels_to_input`` (``(pixels - mean) / std`` in
    float32), the same function the converter and auditor use.
+
+The converter decodes the user's images (calibration, parity, the audit) with this very
+class, so what the device computes from a file is what the model was checked on.
 
 Arrays are accepted too: uint8 arrays are pixels (steps 2–3), float arrays are
 taken as the head's input already (e.g. MNIST images in [0, 1]) and only
@@ -52,12 +57,12 @@ class Preprocessor:
         self.shape = tuple(int(d) for d in spec.shape)          # (height, width, channels)
         self.pre = spec.preprocess
         self.size = (self.shape[1], self.shape[0])              # PIL speaks (width, height)
+        self.resize = tuple(int(d) for d in self.pre.resize)    # before the crop, if any
         self.resample = _RESAMPLE[self.pre.resample]
         self.value_range = (float(self.pre.value_range[0]), float(self.pre.value_range[1]))
 
     def __repr__(self) -> str:
-        return (f"Preprocessor(shape={self.shape}, color_mode={self.pre.color_mode}, "
-                f"resample={self.pre.resample}, range={self.value_range})")
+        return f"Preprocessor(shape={self.shape}, {self.pre.describe()})"
 
     # ------------------------------------------------------------- images
     def open_image(self, path: str | os.PathLike) -> Image.Image:
@@ -75,17 +80,24 @@ class Preprocessor:
 
     def _convert(self, img: Image.Image) -> Image.Image:
         mode = self.pre.color_mode
-        if img.mode in ("I;16", "I;16B", "I;16L", "I") and mode == "L":
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
             # 16-bit greyscale: convert("L") would clip, not scale; keep the top 8 bits.
             a = np.asarray(img, dtype=np.uint32)
-            return Image.fromarray((a >> 8).astype(np.uint8) if a.max() > 255 else a.astype(np.uint8), "L")
+            img = Image.fromarray((a >> 8).astype(np.uint8) if a.max() > 255 else a.astype(np.uint8), "L")
         return img if img.mode == mode else img.convert(mode)
 
     def image_pixels(self, img: Image.Image) -> np.ndarray:
         """A PIL image → uint8 pixels of shape (H, W, C), resized when needed (steps 1–2)."""
         img = self._convert(img)
-        if img.size != self.size:
-            img = img.resize(self.size, self.resample)
+        if img.size != self.resize:
+            if self.pre.fit == "cover":
+                img = ImageOps.fit(img, self.resize, method=self.resample)
+            else:
+                img = img.resize(self.resize, self.resample)
+        if self.pre.crop is not None:
+            (cw, ch), (w, h) = self.pre.crop, img.size
+            left, top = int(round((w - cw) / 2.0)), int(round((h - ch) / 2.0))
+            img = img.crop((left, top, left + cw, top + ch))
         return np.asarray(img, dtype=np.uint8).reshape(self.shape)
 
     def pixels(self, p: np.ndarray) -> np.ndarray:

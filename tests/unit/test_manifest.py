@@ -88,13 +88,13 @@ def test_tarball_is_reproducible(bundle_dir, tmp_path):
 
 def test_manifest_is_readable_json(bundle_dir):
     text = (bundle_dir / mf.MANIFEST_NAME).read_text()
-    assert '"shape": [7, 7, 64]' in text and text.startswith("{\n  \"schema_version\": 1,")
+    assert '"shape": [7, 7, 64]' in text and text.startswith("{\n  \"schema_version\": 2,")
 
 
 # ------------------------------------------------------------- validation
 
 @pytest.mark.parametrize("mutate, words", [
-    (lambda d: d.update(schema_version=2), ["schema_version 2", "reads schema_version 1"]),
+    (lambda d: d.update(schema_version=3), ["schema_version 3", "reads schema_version 1 and 2"]),
     (lambda d: d.pop("schema_version"), ["missing the key `schema_version`"]),
     (lambda d: d.update(schema_version="1"), ["`schema_version` must be an integer"]),
     (lambda d: d.pop("cut"), ["missing key `cut`"]),
@@ -120,6 +120,60 @@ def test_invalid_manifests_are_refused_with_a_precise_message(bundle_dir, mutate
     for w in words:
         assert w in str(err.value), str(err.value)
     assert err.value.fix
+
+
+def test_a_schema_1_manifest_still_loads(bundle_dir):
+    # what edgesplit wrote before schema 2: no dataset, no source_model, no preprocess.fit/crop
+    d = raw_manifest(bundle_dir)
+    for key in ("dataset", "source_model"):
+        d.pop(key)
+    for key in ("fit", "crop"):
+        d["input"]["preprocess"].pop(key)
+    d["schema_version"] = 1
+    rewrite(bundle_dir, d)
+    m = mf.load_bundle(bundle_dir).manifest
+    assert m.schema_version == 1 and m.dataset is None and m.source_model is None
+    assert m.input.preprocess.fit == "stretch" and m.input.preprocess.crop is None
+    # rewriting it makes a schema 2 bundle
+    assert mf.write_bundle(bundle_dir, m).schema_version == 2
+
+
+def test_schema_2_fields_round_trip(bundle_dir):
+    pre = mf.Preprocess(color_mode="RGB", resize=(110, 110), crop=(96, 96), fit="cover", resample="bicubic",
+                        mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375],
+                        value_range=(-2.1179039301310043, 2.6400000000000001))
+    m = mf.write_bundle(bundle_dir, draft(
+        input=mf.InputSpec(shape=(96, 96, 3), dtype="float32", preprocess=pre),
+        dataset=mf.Dataset(source="/data/shapes", kind="folders", n_train=80, n_test=20, test_split=0.2, seed=3),
+        source_model=mf.SourceModel(file="/models/my.keras", sha256="a" * 64)))
+    got = mf.load_bundle(bundle_dir).manifest
+    assert got == m and got.input.preprocess.size == (96, 96)
+    assert "centre crop 96x96" in pre.describe() and "bicubic" in pre.describe()
+    # the rebuild command names the model file, the data, the split and the preprocessing
+    cmd = got.convert_command()
+    assert cmd.startswith("edgesplit convert /models/my.keras --cut pool2")
+    assert "--data /data/shapes --test-split 0.2 --seed 3 --preprocess mean=" in cmd and "fit=cover" in cmd
+    # head input back to pixels in [0, 1], per channel
+    pixels = np.array([[[0, 128, 255]]], np.uint8)
+    x = got.input.pixels_to_input(np.broadcast_to(pixels, (96, 96, 3)))
+    np.testing.assert_allclose(pre.to_pixels(x)[0, 0, 0], pixels[0, 0] / 255.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(crop=(90, 90)), ["preprocess.crop [90, 90] must be [width, height] = [96, 96]"]),
+    (dict(crop=(120, 120)), ["crop [120, 120] is larger than resize [110, 110]"]),
+    (dict(fit="squash"), ["Invalid enum value 'squash'"]),
+])
+def test_bad_crop_and_fit_are_refused(bundle_dir, change, words):
+    d = raw_manifest(bundle_dir)
+    d["input"]["shape"] = [96, 96, 1]
+    d["input"]["preprocess"].update(resize=[110, 110], crop=[96, 96])
+    d["input"]["preprocess"].update({k: list(v) if isinstance(v, tuple) else v for k, v in change.items()})
+    rewrite(bundle_dir, d)
+    with pytest.raises(BundleError) as err:
+        mf.load_bundle(bundle_dir)
+    for w in words:
+        assert w in str(err.value), str(err.value)
 
 
 def test_not_json_and_not_an_object(bundle_dir):
