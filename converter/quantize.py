@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -107,9 +108,59 @@ def to_tflite(model, quant: str, representative: np.ndarray | None = None, int8_
             warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
             return converter.convert()
     except Exception as exc:  # the converter raises many types; say which model and mode failed
-        raise CheckFailed(f"TFLite conversion of {model.name!r} ({quant}) failed: {exc}",
+        unsupported = unsupported_layers(model, str(exc))
+        if unsupported:
+            raise UsageError(
+                f"{model.name!r} cannot be converted to TFLite ({quant}): "
+                + "; ".join(f"layer {layer!r} ({kind}) uses {', '.join(ops)}" for layer, kind, ops in unsupported)
+                + ", which TFLite's built-in ops do not have. edgesplit converts models made of built-in ops: "
+                  + SUPPORTED_LAYERS,
+                fix="replace those layers with built-in ones (e.g. an approximate GELU instead of erf) and "
+                    "retrain the model") from None
+        first = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__
+        raise CheckFailed(f"TFLite conversion of {model.name!r} ({quant}) failed: {first}",
                           fix="try another --quant mode or another --cut; run with -v for the converter's log") \
             from exc
+
+
+SUPPORTED_LAYERS = ("Conv2D, DepthwiseConv2D, SeparableConv2D, Dense, the pooling layers, BatchNormalization, "
+                    "ReLU/ReLU6/sigmoid/tanh/softmax/hard-swish activations, Add, Multiply, Concatenate, Reshape, "
+                    "Flatten, Dropout, ZeroPadding2D, Rescaling and Normalization")
+_OP_RE = re.compile(r"'tf\.(\w+)' op is neither a custom op nor a flex op")
+_LOC_RE = re.compile(r'fused\["(\w+):", "([^"@]+)@')
+
+
+def unsupported_layers(model, text: str) -> list[tuple[str, str, list[str]]]:
+    """(layer name, layer class, [TF ops]) for each layer the converter's error blames, from its message.
+
+    TFLite names an op it has no kernel for ("'tf.Erf' op is neither a custom op nor a flex op") and
+    where it was made ("model/lambda_1/Erf"); the layer is the path part that names a layer of the model.
+    """
+    ops = _OP_RE.findall(text)
+    if not ops:
+        return []
+    names = {layer.name: type(layer).__name__ for layer in _all_layers(model)}
+    found: dict[str, tuple[str, list[str]]] = {}
+    for op, path in _LOC_RE.findall(text):
+        if op not in ops:
+            continue
+        layer = next((part for part in reversed(path.split("/")[:-1]) if part in names), None)
+        if layer is None:
+            layer = next((n for n in names if any(part.startswith(n) for part in path.split("/"))), "?")
+        kind = names.get(layer, "?")
+        entry = found.setdefault(layer, (kind, []))
+        if op not in entry[1]:
+            entry[1].append(op)
+    if not found:
+        return [("?", "?", sorted(set(ops)))]
+    return [(layer, kind, ops_) for layer, (kind, ops_) in found.items()]
+
+
+def _all_layers(model):
+    for layer in getattr(model, "layers", []):
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from _all_layers(layer)
 
 
 def _io(flatbuffer: bytes):

@@ -306,23 +306,24 @@ def load_data(spec, *, test_split: float | None = None, seed: int = 0) -> ImageD
 
 
 def _split(side: _Side, frac: float, seed: int, source: str) -> tuple[_Side, _Side]:
-    """Seeded per-class split: about ``frac`` of every class is held out (at least one image each side)."""
+    """Seeded per-class split: ``round(frac * N)`` images held out, shared among classes by their size."""
     n = len(side.y)
     if n < 2:
         raise DataError(f"{source} holds {n} image(s); a split into train and test images needs at least 2",
                         fix="add images (a few dozen per class at least)")
     rng = np.random.default_rng(seed)
+    k = min(max(1, int(np.floor(frac * n + 0.5))), n - 1)
+    classes, counts = np.unique(side.y, return_counts=True)
+    # largest remainder: each class gets floor(frac * n_c), the rest go to the largest fractions
+    quota = frac * counts * (k / (frac * n))
+    take = np.floor(quota).astype(int)
+    for i in np.argsort(-(quota - take), kind="stable")[:k - int(take.sum())]:
+        take[i] += 1
     test_idx = []
-    for c in np.unique(side.y):
+    for c, t in zip(classes, take):
         members = np.flatnonzero(side.y == c)
         rng.shuffle(members)
-        k = int(round(frac * len(members)))
-        test_idx.extend(members[:k].tolist())
-    test_idx = np.asarray(sorted(test_idx), np.int64)
-    if len(test_idx) == 0 or len(test_idx) == n:
-        # tiny classes all rounded the same way: hold out round(frac * n) images overall instead
-        k = min(max(1, int(round(frac * n))), n - 1)
-        test_idx = np.sort(rng.permutation(n)[:k])
+        test_idx.extend(members[:t].tolist())
     mask = np.zeros(n, bool)
     mask[test_idx] = True
     return side.take(np.flatnonzero(~mask)), side.take(np.flatnonzero(mask))

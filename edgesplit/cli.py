@@ -57,19 +57,42 @@ def run_cuts(args) -> int:
     return 0
 
 
+DATA_HELP = ("your labelled images: a folder of class folders (D/<class>/*.jpg, as Keras' "
+             "image_dataset_from_directory reads them), a folder of images with a labels.csv (file,label), or an "
+             ".npz with x_train, y_train, x_test, y_test (optional labels); a folder with train/ and test/ "
+             "brings its own split")
+
+
+def add_data_options(p, *, preprocess: bool = True) -> None:
+    """--data, --test-split, --seed (and --preprocess): the user's images, for every verb that needs them."""
+    g = p.add_argument_group("your data")
+    g.add_argument("--data", default=None, metavar="SPEC", help=DATA_HELP)
+    g.add_argument("--test-split", type=float, default=None, metavar="F",
+                   help="with one set of images: the fraction held out for parity (and attacked by the audit); "
+                        "the rest calibrates (and is the attacker's); seeded, per class (default 0.2)")
+    g.add_argument("--data-seed", type=int, default=0, metavar="S", help="seed of that split (default 0)")
+    if preprocess:
+        g.add_argument("--preprocess", default=None, metavar="SPEC",
+                       help="how pixels 0..255 become the model's input, when the model does not say so itself "
+                            "(a Rescaling layer): scale=1/127.5,offset=-1 | mean=0.485,0.456,0.406,std=0.229,"
+                            "0.224,0.225 | range=-1:1; and resize=WxH, crop=WxH, fit=stretch|cover, "
+                            "resample=bilinear|bicubic|... (default: tried on your images)")
+
+
 def add_convert(sub):
     p = sub.add_parser("convert", help="split a model at a cut, quantize, check parity, write a bundle")
     p.add_argument("model", help="zoo name (e.g. paper-cnn) or a .keras file")
     p.add_argument("--cut", required=True, help="layer whose output is sent (see `edgesplit cuts MODEL`)")
     p.add_argument("--quant", choices=["int8", "float16", "dynamic", "none"], default="int8")
-    p.add_argument("--calibration", type=int, default=500, metavar="N",
-                   help="training images used to calibrate int8 quantization (default 500)")
+    p.add_argument("--calibration", type=int, default=None, metavar="N",
+                   help="training images used to calibrate int8 quantization (default 500, or all when fewer)")
     p.add_argument("--parity-n", type=int, default=2000, metavar="N",
                    help="held-out test images for the parity check (default 2000)")
     p.add_argument("--min-agreement", type=float, default=None,
                    help="fail when head+tail agree with Keras on fewer than this fraction of images "
                         "(default 0.99 for paper-cnn)")
     p.add_argument("--out", required=True, help="bundle directory to write (a .tar.gz is written beside it)")
+    add_data_options(p)
     p.set_defaults(func=run_convert)
 
 
@@ -77,7 +100,9 @@ def run_convert(args) -> int:
     from converter import bundle
 
     result = bundle.convert(args.model, cut=args.cut, quant=args.quant, calibration=args.calibration,
-                            out=args.out, min_agreement=args.min_agreement, parity_n=args.parity_n)
+                            out=args.out, min_agreement=args.min_agreement, parity_n=args.parity_n,
+                            data=args.data, test_split=args.test_split, seed=args.data_seed,
+                            preprocess=args.preprocess)
     print(result.summary())
     return 0
 

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -342,13 +343,13 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if self.defence is not None:
             return self.defence.harden_command(self.model, self.cut, out)
         model = self.source_model.file if self.source_model is not None else self.model
-        cmd = f"edgesplit convert {model} --cut {self.cut} --quant {self.quant}"
+        cmd = f"edgesplit convert {shlex.quote(model)} --cut {self.cut} --quant {self.quant}"
         if self.dataset is not None and self.dataset.kind in ("folders", "labels.csv", "npz"):
-            cmd += f" --data {self.dataset.source}"
+            cmd += f" --data {shlex.quote(self.dataset.source)}"
             if self.dataset.test_split is not None:
                 cmd += f" --test-split {self.dataset.test_split:g}"
             if self.dataset.seed:
-                cmd += f" --seed {self.dataset.seed}"
+                cmd += f" --data-seed {self.dataset.seed}"
             cmd += f" --preprocess {self.input.preprocess.to_option()}"
         if self.calibration is not None and self.quant == "int8":
             cmd += f" --calibration {self.calibration.n}"

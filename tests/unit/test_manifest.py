@@ -152,7 +152,7 @@ def test_schema_2_fields_round_trip(bundle_dir):
     # the rebuild command names the model file, the data, the split and the preprocessing
     cmd = got.convert_command()
     assert cmd.startswith("edgesplit convert /models/my.keras --cut pool2")
-    assert "--data /data/shapes --test-split 0.2 --seed 3 --preprocess mean=" in cmd and "fit=cover" in cmd
+    assert "--data /data/shapes --test-split 0.2 --data-seed 3 --preprocess mean=" in cmd and "fit=cover" in cmd
     # head input back to pixels in [0, 1], per channel
     pixels = np.array([[[0, 128, 255]]], np.uint8)
     x = got.input.pixels_to_input(np.broadcast_to(pixels, (96, 96, 3)))
