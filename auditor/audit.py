@@ -47,6 +47,11 @@ class AuditSpec:
     """What to audit and how; checks itself (UsageError with the fix)."""
 
     target: object                    # zoo name, .keras path, bundle dir/.tar.gz, or a keras.Model
+    data: object = None               # --data SPEC (folder or .npz; see converter.userdata) or a loaded ImageData
+    test_split: float | None = None   # with one set of --data images: the held-out (attacked) fraction
+    data_seed: int = 0                # the seed of that split
+    preprocess: object = None         # --preprocess text (a model's; a bundle brings its own)
+    model_file: str | None = None     # --model FILE: the Keras model a bundle was made from
     cuts: tuple | None = None         # layer names; None = every valid cut
     n: int = 1000                     # test images for the information measures (and the decoder's score)
     attack_n: int = 32                # test images attacked by white-box inversion
@@ -64,7 +69,7 @@ class AuditSpec:
     max_bytes: int | None = None      # budget: int8 bytes sent per input
     max_head_ms: float | None = None  # budget: head latency on this machine
     min_accuracy: float | None = None  # budget: int8 head+tail test accuracy
-    calibration: int = 500            # training images to calibrate int8 (bundles made here)
+    calibration: int | None = None    # training images to calibrate int8 (bundles made here; default 500 or all)
     parity_n: int = 500
     latency_runs: int = 50
     grid_n: int = 8                   # images shown per row of the reconstruction grid
@@ -79,6 +84,8 @@ class AuditSpec:
             bad(f"unknown preset {self.preset!r}", fix=f"use one of: {', '.join(PRESETS)}")
         for name in ("n", "attack_n", "iters", "decoder_n", "decoder_epochs", "calibration", "parity_n",
                      "latency_runs", "grid_n"):
+            if name == "calibration" and self.calibration is None:
+                continue
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(f"{name} must be a whole number >= 1, got {getattr(self, name)!r}")
         if self.n < 20:
@@ -122,6 +129,10 @@ class AuditSpec:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["target"] = self.target if isinstance(self.target, str) else getattr(self.target, "name", "model")
         d["cuts"] = list(self.cuts) if self.cuts is not None else None
+        # after _resolve, data is the loaded images and preprocess the manifest's: say what they are
+        split = getattr(self.data, "split", None)
+        d["data"] = split.source if split is not None else (None if self.data is None else os.fspath(self.data))
+        d["preprocess"] = self.preprocess.describe() if hasattr(self.preprocess, "describe") else self.preprocess
         return d
 
 
@@ -168,6 +179,7 @@ class AuditResult:
     sigma: dict = field(default_factory=dict)                 # auditor.sigma.sensitivity: the sigma^2 sweep's reading
     images: dict = field(default_factory=dict, repr=False)    # originals + reconstructions for the grid
     paths: dict = field(default_factory=dict)
+    data: dict | None = None          # the user's images: source, split, classes, preprocessing
 
     def cut(self, name: str) -> CutAudit:
         for c in self.cuts:
@@ -190,6 +202,7 @@ class AuditResult:
             "judge": self.judge,
             "versions": self.versions,
             "seconds": self.seconds,
+            **({"data": self.data} if self.data is not None else {}),
         }
 
     def summary(self) -> str:
@@ -300,7 +313,7 @@ def _run(spec: AuditSpec) -> AuditResult:
 
     t_start = time.perf_counter()
     keras.utils.set_random_seed(spec.seed)
-    model, model_name, bundle, data, dataset_name = _resolve(spec)
+    spec, model, model_name, bundle, data, dataset_name = _resolve(spec)
     from converter import cuts as cuts_mod
 
     all_cuts = cuts_mod.list_cuts(model)
@@ -347,7 +360,9 @@ def _audit_all(spec, t_start, model, model_name, bundle, data, dataset_name, cho
                   "accuracy_on_originals": float((metrics.predict_labels(judge, x_test) == y_test).mean())}
     input_row = _input_row(spec, x_test, y_test, x_dec, y_dec, float_accuracy)
     grid_k = min(spec.grid_n, attack_n)
-    images = {"original": x_test[:grid_k], "labels": y_test[:grid_k], "whitebox": {}, "decoder": {}}
+    # the grid shows pixels (RGB in colour), whatever scaling the model's input has
+    to_pixels = getattr(spec.preprocess, "to_pixels", lambda x: np.asarray(x, np.float32))
+    images = {"original": to_pixels(x_test[:grid_k]), "labels": y_test[:grid_k], "whitebox": {}, "decoder": {}}
     rows = []
     bar = tqdm(chosen, desc="audit", unit="cut", disable=not spec.progress)
     for cut in bar:
@@ -366,7 +381,8 @@ def _audit_all(spec, t_start, model, model_name, bundle, data, dataset_name, cho
     sigma_info = sigma.sensitivity(rows, spec.sigma2, PAPER_TABLE1 if paper else None)
     result = AuditResult(spec=spec, model_name=model_name, dataset=dataset_name, cuts=rows, input_row=input_row,
                          recommendation=recommendation, paper=paper, ceilings=ceilings, versions=_versions(),
-                         seconds=time.perf_counter() - t_start, judge=judge_info, images=images, sigma=sigma_info)
+                         seconds=time.perf_counter() - t_start, judge=judge_info, images=images, sigma=sigma_info,
+                         data=_data_info(data))
     if spec.out:
         from auditor.report import write_report
 
@@ -375,7 +391,11 @@ def _audit_all(spec, t_start, model, model_name, bundle, data, dataset_name, cho
 
 
 def _resolve(spec: AuditSpec):
-    """(model, model name, bundle or None, data, dataset name) for the audit's target."""
+    """(spec, model, model name, bundle or None, data, dataset name) for the audit's target.
+
+    The spec comes back with ``data`` the loaded images (an ``ImageData``) and ``preprocess`` the
+    input spec's, so that every bundle made for the audit is made from exactly these.
+    """
     from converter import datasets, zoo
     from protocol.manifest import load_bundle
 
@@ -390,23 +410,113 @@ def _resolve(spec: AuditSpec):
         if is_bundle:
             bundle = load_bundle(path)
             name = bundle.manifest.model
-            try:
-                model = zoo.load_model(name)
-            except UsageError as exc:
-                raise UsageError(f"bundle {path} was made from model {name!r}, which cannot be loaded here "
-                                 f"({exc.message}); the white-box attack needs the Keras model",
-                                 fix="audit the model instead: edgesplit audit MODEL.keras --cuts "
-                                     f"{bundle.manifest.cut}") from exc
+            model = _model_of_bundle(bundle, path, spec.model_file)
         else:
             model, name = zoo.load_model(text), text
+    if spec.model_file is not None and bundle is None:
+        raise UsageError("--model names the Keras model of a bundle; this audit's target is a model already",
+                         fix=f"drop --model, or audit the bundle: edgesplit audit BUNDLE --model {spec.model_file}")
+    if bundle is not None and spec.preprocess is not None:
+        raise UsageError("--preprocess is for auditing a model: a bundle brings its own preprocessing",
+                         fix="drop --preprocess (the manifest's input.preprocess is used)")
+    images = _images_for(spec, bundle)
+    if images is not None:
+        from converter import bundle as bundle_mod
+        from converter import inputspec
+
+        bundle_mod.check_model(model, name)
+        n_out = int(np.prod(model.outputs[0].shape[1:]))
+        images.check_outputs(n_out, repr(name))
+        if bundle is not None:
+            input_spec = bundle.manifest.input
+        else:
+            input_spec = inputspec.resolve(model, preprocess=spec.preprocess, data=images, n_outputs=n_out,
+                                           name=repr(name)).spec
+        spec = dataclasses.replace(spec, data=images, preprocess=input_spec.preprocess)
+        data = images.for_input(input_spec, progress=spec.progress)
+        return spec, model, name, bundle, data, images.split.describe()
     if name in zoo.ZOO:
         data, dataset = zoo.load_dataset(zoo.ZOO[name]), zoo.ZOO[name].dataset
     elif tuple(model.input_shape[1:]) == datasets.IMAGE_SHAPE:
         data, dataset = datasets.load_mnist(), "mnist"
     else:
-        raise UsageError(f"model {name!r} takes inputs of shape {model.input_shape[1:]}; the auditor only has "
-                         "MNIST-shaped data (28, 28, 1)", fix="audit a model of the zoo or an MNIST model")
-    return model, name, bundle, data, dataset
+        raise UsageError(f"no images are known for model {name!r} (input {list(model.input_shape[1:])}); the "
+                         "audit attacks the model's own kind of images",
+                         fix="give your labelled images with --data: a folder of class folders, a folder with "
+                             "labels.csv (file,label), or an .npz with x_train, y_train, x_test, y_test")
+    return spec, model, name, bundle, data, dataset
+
+
+def _data_info(data) -> dict | None:
+    """The report's account of the user's images (None for the zoo's datasets)."""
+    split = getattr(data, "split", None)
+    if split is None:
+        return None
+    pre = data.input_spec.preprocess
+    return {"source": split.source, "kind": split.kind, "n_train": split.n_train, "n_test": split.n_test,
+            "test_split": split.test_split, "seed": split.seed, "classes": list(data.classes),
+            "split": split.describe(), "preprocess": pre.describe(),
+            "note": "the attacker's own images (decoder, shadow head) come from the train side; the attacked "
+                    "images from the test side, never used to calibrate the bundle"}
+
+
+def _images_for(spec: AuditSpec, bundle):
+    """The user's images: --data, or (for a bundle) the images the bundle was made from, split the same way."""
+    from converter import userdata
+
+    if isinstance(spec.data, userdata.ImageData):
+        return spec.data
+    if spec.data is not None:
+        return userdata.load_data(spec.data, test_split=spec.test_split, seed=spec.data_seed)
+    if spec.test_split is not None:
+        raise UsageError("--test-split only applies to --data images", fix="give --data, or drop --test-split")
+    ds = bundle.manifest.dataset if bundle is not None else None
+    if ds is None or ds.kind not in ("folders", "labels.csv", "npz"):
+        return None
+    if not Path(ds.source).exists():
+        raise UsageError(f"bundle {bundle.source} was made from the images in {ds.source}, which are not on this "
+                         "machine; the audit needs them (or images like them)",
+                         fix="give them with --data SPEC (the same split is made when they are the same images)")
+    images = userdata.load_data(ds.source, test_split=ds.test_split, seed=ds.seed)
+    if (images.split.n_train, images.split.n_test) != (ds.n_train, ds.n_test):
+        log.warning("%s holds %d train / %d test images now, %d / %d when bundle %s was made: the attacked images "
+                    "may include some it was calibrated on", ds.source, images.split.n_train, images.split.n_test,
+                    ds.n_train, ds.n_test, bundle.bundle_id)
+    return images
+
+
+def _model_of_bundle(bundle, path: Path, model_file):
+    """The Keras model a bundle was made from: --model, the file its manifest names, or its zoo name."""
+    from converter import zoo
+    from protocol.manifest import sha256_file
+
+    m = bundle.manifest
+    made_from = m.source_model
+    if model_file is not None:
+        file = Path(model_file).expanduser()
+        if not file.is_file():
+            raise UsageError(f"--model {model_file}: no such file", fix="give the .keras file the bundle was made from")
+        if made_from is not None and sha256_file(file) != made_from.sha256:
+            log.warning("%s is not the file bundle %s was made from (sha256 %s...): the white-box attack uses its "
+                        "weights, the device runs the bundle's", file, m.bundle_id, made_from.sha256[:12])
+        return zoo.load_model(str(file))
+    if made_from is not None:
+        original = Path(made_from.file)
+        for candidate in (original, path.parent / original.name, path / original.name):
+            if candidate.is_file():
+                if sha256_file(candidate) == made_from.sha256:
+                    return zoo.load_model(str(candidate))
+                log.warning("%s has changed since bundle %s was made from it", candidate, m.bundle_id)
+        raise UsageError(f"bundle {path} was made from {made_from.file} (sha256 {made_from.sha256[:16]}...), which is "
+                         "not on this machine (nor beside the bundle) as it was; the white-box attack needs the "
+                         "Keras model", fix=f"pass that file with --model FILE, e.g. edgesplit audit {path} --model "
+                                            f"{original.name}")
+    try:
+        return zoo.load_model(m.model)
+    except UsageError as exc:
+        raise UsageError(f"bundle {path} was made from model {m.model!r}, which cannot be loaded here "
+                         f"({exc.message}); the white-box attack needs the Keras model",
+                         fix="pass the .keras file it was made from with --model FILE") from exc
 
 
 def _bundle_for(spec, model, model_name, cut, workdir, bundle):
@@ -417,8 +527,12 @@ def _bundle_for(spec, model, model_name, cut, workdir, bundle):
 
     target = workdir / "bundles" / cut.name
     source = model_name if isinstance(spec.target, (str, os.PathLike)) else model
+    from_data = {}
+    if spec.data is not None:   # the user's images, resolved once (see _resolve): every cut uses the same
+        from_data = dict(data=spec.data, preprocess=spec.preprocess,
+                         name=None if isinstance(source, str) else model_name)
     made = bundle_mod.convert(source, cut=cut.name, quant="int8", calibration=spec.calibration, out=str(target),
-                              min_agreement=0.0, parity_n=spec.parity_n, progress=spec.progress)
+                              min_agreement=0.0, parity_n=spec.parity_n, progress=spec.progress, **from_data)
     return load_bundle(made.bundle_dir)
 
 

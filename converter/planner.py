@@ -46,6 +46,8 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
+
 from protocol.errors import UsageError
 from protocol.profile import load_profile, validate_profile
 
@@ -386,6 +388,18 @@ def _from_model(target: str) -> tuple[str, list[_CutFacts], dict]:
     return name, facts, {"bytes": int(math.prod(shape)), "shape": shape, "label_bits": None}
 
 
+def _file_bytes(data, test_split, seed) -> tuple[float, str] | None:
+    """Mean size of the user's test image files (what a camera's JPEGs cost to send); None for an .npz."""
+    from converter.userdata import load_data
+
+    images = load_data(data, test_split=test_split, seed=seed)
+    if not images.files:
+        return None
+    files = images.test.items[:500]
+    mean = float(np.mean([f.stat().st_size for f in files]))
+    return mean, f"mean size of {len(files)} of your image files ({images.split.source}) in a frame"
+
+
 # rough frame header when nothing measured it: prefix + msgpack header of an int8 tensor
 _HEADER_GUESS = 60
 
@@ -395,11 +409,14 @@ _HEADER_GUESS = 60
 def plan(source, *, uplink, rtt, downlink=None, device_profile=None, cloud_profile=None,
          max_leakage_db: float | None = None, max_latency_ms: float | None = None, burst=0,
          objective: str = "latency", exclude=(), hop_ms: float = HOP_MS,
-         cloud_wait_ms: float = CLOUD_WAIT_MS) -> PlanResult:
+         cloud_wait_ms: float = CLOUD_WAIT_MS, data=None, test_split: float | None = None,
+         data_seed: int = 0) -> PlanResult:
     """Rank the options for ``source`` (an audit report.json, a zoo model name or a ``.keras`` file).
 
     ``uplink``/``downlink``: rates (``"1mbit"`` or bit/s); ``rtt``: ``"40ms"`` or seconds;
-    profiles: paths or dicts from ``edgesplit profile``.  See the module docstring for the model.
+    profiles: paths or dicts from ``edgesplit profile``.  ``data`` (a ``--data`` folder): sending the
+    raw image costs what the user's image files weigh, not their uint8 pixels.  See the module
+    docstring for the model.
     """
     up = parse_rate(uplink, "--uplink")
     down = parse_rate(downlink, "--downlink") if downlink is not None else up
@@ -469,11 +486,15 @@ def plan(source, *, uplink, rtt, downlink=None, device_profile=None, cloud_profi
     if cloud_full is not None and inp.get("bytes"):
         prof_in = (dprof or {}).get("input") or {}
         raw_bytes = float(prof_in.get("frame_bytes") or (inp["bytes"] + _HEADER_GUESS))
+        raw_src = "device profile (the image in a frame)" if prof_in.get("frame_bytes") else "uint8 image in a frame"
+        files = _file_bytes(data, test_split, data_seed) if data is not None else None
+        if files is not None and not prof_in.get("frame_bytes"):
+            raw_bytes, raw_src = files[0] + _HEADER_GUESS, files[1]
         res_bytes = _result_bytes(dcuts, ccuts)
         options.append(Option("raw", "raw", raw_bytes, device_ms=0.0, cloud_ms=cloud_full + link.cloud_wait_ms,
                               up_ms=link.up_ms(raw_bytes), rtt_ms=link.rtt_s * 1e3, down_ms=link.down_ms(res_bytes),
                               mqtt_ms=mqtt_ms, leakage_db=math.inf, dcor=1.0, label_bits=inp.get("label_bits"),
-                              sources={"cloud_ms": cloud_full_src, "bytes_up": "uint8 image in a frame"}))
+                              sources={"cloud_ms": cloud_full_src, "bytes_up": raw_src}))
     for f in facts:
         d, c = dcuts.get(f.name), ccuts.get(f.name)
         src = {}

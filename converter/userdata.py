@@ -43,7 +43,7 @@ from protocol.errors import UsageError
 log = logging.getLogger(__name__)
 
 #: file name endings read as images (what Keras reads, and what Pillow reads besides)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 LABELS_CSV = "labels.csv"
 TRAIN_DIRS = ("train", "training")
 TEST_DIRS = ("test", "val", "validation")

@@ -108,15 +108,19 @@ def run_convert(args) -> int:
 
 
 def add_demo(sub):
-    p = sub.add_parser("demo", help="the whole path on this machine: train, convert, broker, cloud, device, 1,000 images")
+    p = sub.add_parser("demo", help="the whole path on this machine: train, convert, broker, cloud, device, 1,000 images "
+                                    "(yours with --model my.keras --data D)")
     p.add_argument("--model", default="paper-cnn", help="zoo name or .keras file (default paper-cnn)")
-    p.add_argument("--cut", default="pool2", help="cut layer (default pool2)")
+    p.add_argument("--cut", default=None,
+                   help="cut layer (default: pool2 for paper-cnn; for another model the fewest bytes sent with at "
+                        "most half the compute on the device)")
     p.add_argument("--quant", choices=["int8", "float16", "dynamic", "none"], default="int8")
     p.add_argument("--n", type=int, default=1000, help="test images sent end to end (default 1000)")
     p.add_argument("--broker", default=None, metavar="URL",
                    help="use this broker (mqtt://host:port) instead of starting the embedded one")
     p.add_argument("--workers", type=int, default=1, help="cloud worker processes (default 1)")
     p.add_argument("--out", default="demo-out", help="where results go (default ./demo-out)")
+    add_data_options(p)
     p.set_defaults(func=run_demo)
 
 
@@ -124,7 +128,8 @@ def run_demo(args) -> int:
     from edgesplit import demo
 
     result = demo.run_demo(model=args.model, cut=args.cut, quant=args.quant, n=args.n, broker=args.broker,
-                           out=args.out, workers=args.workers)
+                           out=args.out, workers=args.workers, data=args.data, test_split=args.test_split,
+                           data_seed=args.data_seed, preprocess=args.preprocess)
     print(result.summary())
     return 0
 
@@ -400,6 +405,12 @@ def add_audit(sub):
                    help="skip the KDE bounds over a grid of sigma^2 (one full pairwise pass per cut: minutes at "
                         "N = 10,000)")
     p.add_argument("--out", required=True, help="directory for report.html, report.json, report.md")
+    p.add_argument("--model", default=None, metavar="FILE", dest="model_file",
+                   help="auditing a bundle: the .keras file it was made from (default: the file its manifest "
+                        "names, found where it was or beside the bundle; or its zoo name)")
+    p.add_argument("--calibration", type=int, default=None, metavar="N",
+                   help="training images calibrating the int8 bundles made for the audit (default 500, or all)")
+    add_data_options(p)
     p.set_defaults(func=run_audit)
 
 
@@ -410,7 +421,9 @@ def run_audit(args) -> int:
                    progress=True, max_bytes=args.max_bytes, max_head_ms=args.max_head_ms,
                    min_accuracy=args.min_accuracy, iters=args.iters, attack_n=args.attack_n,
                    decoder_epochs=args.decoder_epochs, sigma2=args.sigma2,
-                   sigma_sweep=args.sigma_sweep)
+                   sigma_sweep=args.sigma_sweep, data=args.data, test_split=args.test_split,
+                   data_seed=args.data_seed, preprocess=args.preprocess, model_file=args.model_file,
+                   calibration=args.calibration)
     print(result.summary())
     return 0
 
@@ -604,15 +617,35 @@ def add_profile(sub):
     p.add_argument("--interpreter", choices=["ai_edge_litert", "tflite_runtime", "tensorflow"], default=None,
                    help="force one TFLite interpreter (default: the first installed)")
     p.add_argument("--json", action="store_true", help="print the profile as JSON instead of a table")
+    add_data_options(p, preprocess=False)
     p.set_defaults(func=run_profile)
 
 
+def profile_inputs(args):
+    """--inputs as given, or the test side of --data (the images parity and the audit use)."""
+    if args.data is None:
+        if args.test_split is not None:
+            from protocol.errors import UsageError
+
+            raise UsageError("--test-split only applies to --data images", fix="give --data, or drop --test-split")
+        return args.inputs
+    from protocol.errors import UsageError
+
+    if args.inputs:
+        raise UsageError("--inputs and --data both name the images to time", fix="give one of them")
+    # converter.userdata needs no TensorFlow: this still runs on the Pi
+    from converter.userdata import load_data
+
+    test = load_data(args.data, test_split=args.test_split, seed=args.data_seed).test
+    return [str(f) for f in test.items[:200]] if isinstance(test.items, list) else test.items[:200]
+
+
 def run_profile(args) -> int:
-    # Only device/ and protocol/ are imported: this runs on the Pi.
+    # Only device/, runtime/, protocol/ (and TensorFlow-free converter.userdata) are imported: this runs on the Pi.
     from device import profile
 
     result = profile.run(args.bundle, out=args.out, runs=args.runs, warmup=args.warmup, threads=args.threads,
-                         part=args.part, inputs=args.inputs, interpreter=args.interpreter)
+                         part=args.part, inputs=profile_inputs(args), interpreter=args.interpreter)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
     return 0
 
@@ -646,6 +679,7 @@ def add_plan(sub):
     p.add_argument("--cloud-wait-ms", type=float, default=None, metavar="MS",
                    help="the cloud worker's micro-batch wait (its --max-wait-ms; default 0)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    add_data_options(p, preprocess=False)
     p.set_defaults(func=run_plan)
 
 
@@ -656,7 +690,8 @@ def run_plan(args) -> int:
     result = planner.plan(args.source, uplink=args.uplink, rtt=args.rtt, downlink=args.downlink,
                           device_profile=args.device_profile, cloud_profile=args.cloud_profile,
                           max_leakage_db=args.max_leakage, max_latency_ms=args.max_latency_ms, burst=args.burst,
-                          objective=args.objective, exclude=args.exclude, **extra)
+                          objective=args.objective, exclude=args.exclude, data=args.data,
+                          test_split=args.test_split, data_seed=args.data_seed, **extra)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
     return 0
 

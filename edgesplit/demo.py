@@ -7,6 +7,9 @@ verbs a user would type, sends MNIST test images end to end, and prints what a
 user wants to know: accuracy against the parity check, latency percentiles,
 throughput, and the bytes sent per image against the raw image.
 
+``edgesplit demo --model my.keras --data D [--cut C]`` does the same with the user's
+model and images: the device reads the user's own test-split files (JPEG, PNG...).
+
 The device and the cloud run as their own processes (``python -m edgesplit``),
 so nothing here shares memory with them: what is measured crosses the broker.
 """
@@ -55,6 +58,10 @@ class DemoResult:
     png_bytes_mean: float
     out_dir: str
     files: dict = field(default_factory=dict)
+    keras_correct: int | None = None      # the Keras model on the same images (as the device decodes them)
+    image_format: str = "PNG"             # what the device read
+    data: str | None = None               # the user's images and their split
+    cut_note: str = ""                    # how the cut was chosen, when --cut was not given
 
     @property
     def accuracy(self) -> float:
@@ -72,13 +79,19 @@ class DemoResult:
             ("images sent / answered", f"{self.images} / {self.answered}"),
             ("accuracy (end to end)", f"{self.accuracy:.4f}"),
             ("accuracy (head+tail run here)", f"{self.expected_correct / max(self.images, 1):.4f}"
-                                              f"  (parity check on 2,000: {self.parity_accuracy:.4f})"),
+                                              f"  (parity check: {self.parity_accuracy:.4f})"),
+            *([("accuracy (Keras model)", f"{self.keras_correct / max(self.images, 1):.4f}  (the same images)")]
+              if self.keras_correct is not None else []),
             ("latency p50 / p95 / p99", f"{lat['p50']:.1f} / {lat['p95']:.1f} / {lat['p99']:.1f} ms"
                                         f"  (up to 64 requests in flight)" if lat else "no answer"),
             ("throughput", f"{self.throughput:.1f} images/s"),
             ("bytes sent per image (frame)", f"{self.frame_bytes} B  (raw frame {self.raw_frame_bytes} B)"),
-            ("raw image (uint8) / PNG", f"{self.raw_image_bytes} B / {self.png_bytes_mean:.0f} B"),
+            (f"raw image (uint8) / {self.image_format}", f"{self.raw_image_bytes} B / {self.png_bytes_mean:.0f} B"),
         ]
+        if self.data:
+            rows.insert(1, ("data", self.data))
+        if self.cut_note:
+            rows[0] = (rows[0][0], rows[0][1] + f"  ({self.cut_note})")
         width = max(len(k) for k, _ in rows)
         lines = ["edgesplit demo: split inference end to end", ""]
         lines += [f"  {k.ljust(width)}  {v}" for k, v in rows]
@@ -136,18 +149,56 @@ def _stop(proc: subprocess.Popen | None, timeout: float = 20.0) -> None:
         proc.wait()
 
 
-def _write_images(x: np.ndarray, y: np.ndarray, folder: Path) -> float:
-    """Write test images as PNG files named ``<index>_<label>.png``; return mean size."""
+def _write_images(x: np.ndarray, y: np.ndarray, folder: Path, pre=None) -> float:
+    """Write test images as PNG files named ``<index>_<label>.png``; return mean size.
+
+    ``x`` is the model's input (``pre``, the manifest's preprocess, maps it back to pixels;
+    MNIST's k / 255 when None) or uint8 pixels.
+    """
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     sizes = []
     for i, (img, label) in enumerate(zip(x, y)):
         path = folder / f"{i:05d}_{int(label)}.png"
-        pixels = np.rint(img[..., 0] * 255.0).astype(np.uint8)
-        Image.fromarray(pixels, mode="L").save(path, optimize=True)
+        img = np.asarray(img)
+        if img.dtype != np.uint8:
+            img = pre.to_pixels(img) if pre is not None else img
+            img = np.rint(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
+        pixels = img[..., 0] if img.ndim == 3 and img.shape[-1] == 1 else img
+        Image.fromarray(pixels, mode="L" if pixels.ndim == 2 else ("RGBA" if pixels.shape[-1] == 4 else "RGB")) \
+            .save(path, optimize=True)
         sizes.append(path.stat().st_size)
     return float(np.mean(sizes))
+
+
+def _copy_files(files, y: np.ndarray, folder: Path) -> tuple[float, str]:
+    """The user's own image files, as they are, named ``<index>_<label><suffix>``; mean size and format."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes, suffixes = [], set()
+    for i, (src, label) in enumerate(zip(files, y)):
+        src = Path(src)
+        dst = folder / f"{i:05d}_{int(label)}{src.suffix.lower()}"
+        try:
+            os.link(src, dst)     # the same bytes the user has, without a copy when the disk allows
+        except OSError:
+            shutil.copyfile(src, dst)
+        sizes.append(dst.stat().st_size)
+        suffixes.add(src.suffix.lower().lstrip("."))
+    fmt = "/".join(sorted("JPEG" if s in ("jpg", "jpeg") else s.upper() for s in suffixes))
+    return float(np.mean(sizes)), fmt
+
+
+def default_cut(model) -> tuple[str, str]:
+    """A cut for a model when none is given: the fewest bytes sent within the first half of the compute."""
+    from converter import cuts as cuts_mod
+
+    found = [c for c in cuts_mod.list_cuts(model) if c.tail_macs > 0] or cuts_mod.list_cuts(model)
+    total = max(1, max(c.head_macs + c.tail_macs for c in found))
+    early = [c for c in found if c.head_macs <= total / 2] or found[:1]
+    pick = min(early, key=lambda c: (c.bytes_int8, c.index))
+    return pick.name, (f"chosen: the fewest bytes sent ({pick.bytes_int8} B) with at most half the compute on "
+                       "the device; --cut to choose")
 
 
 def _frame_bytes(manifest) -> int:
@@ -174,6 +225,16 @@ def _expected_correct(bundle_dir, x: np.ndarray, y: np.ndarray, batch: int = 250
     return right
 
 
+def _device_inputs(bundle_dir, folder: Path) -> tuple[list[Path], np.ndarray, np.ndarray]:
+    """The files the device will read, their labels (from the names) and the head's input as it decodes them."""
+    from protocol.manifest import load_bundle
+    from runtime.preprocess import Preprocessor
+
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    y = np.asarray([int(p.stem.split("_")[1]) for p in files], np.int64)
+    return files, y, Preprocessor(load_bundle(bundle_dir).manifest.input).batch(files)
+
+
 def _latency_png(latencies: list[float], path: Path) -> None:
     import matplotlib
 
@@ -194,35 +255,64 @@ def _latency_png(latencies: list[float], path: Path) -> None:
     plt.close(fig)
 
 
-def run_demo(*, model: str = "paper-cnn", cut: str = "pool2", quant: str = "int8", n: int = 1000,
+def run_demo(*, model: str = "paper-cnn", cut: str | None = None, quant: str = "int8", n: int = 1000,
              broker: str | None = None, out: str | os.PathLike = "demo-out", workers: int = 1,
+             data=None, test_split: float | None = None, data_seed: int = 0, preprocess=None,
              progress: bool = True) -> DemoResult:
-    """Run the whole path end to end and return what was measured."""
+    """Run the whole path end to end and return what was measured.
+
+    ``data`` (the ``--data`` SPEC) brings the user's images for a model of their own; the device
+    reads the test side of the split (the user's files themselves, for a folder).
+    """
     from converter import bundle as bundles
-    from converter import datasets
+    from converter import datasets, userdata, zoo
 
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}", fix="pass --n 1000 (the default)")
     out_dir = Path(out).resolve()
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir} exists and is not a directory", fix="pass another --out")
+    images_data = userdata.load_data(data, test_split=test_split, seed=data_seed) if data is not None else None
+    cut_note = ""
+    if cut is None:
+        if model == "paper-cnn":
+            cut = "pool2"
+        else:
+            cut, cut_note = default_cut(zoo.load_model(model))
     out_dir.mkdir(parents=True, exist_ok=True)
     logs = out_dir / "logs"
     logs.mkdir(exist_ok=True)
 
-    print(f"[1/4] model {model}: train or load from the cache, convert at {cut} ({quant})", flush=True)
-    conv = bundles.convert(model, cut=cut, quant=quant, calibration=500, out=out_dir / "bundle")
+    print(f"[1/4] model {model}: {'load' if images_data is not None else 'train or load from the cache'}, "
+          f"convert at {cut} ({quant})", flush=True)
+    conv = bundles.convert(model, cut=cut, quant=quant, out=out_dir / "bundle", data=images_data,
+                           preprocess=preprocess)
     manifest = conv.manifest
     print(f"      bundle {manifest.bundle_id}: parity agreement {conv.agreement:.4f}, "
           f"accuracy {conv.accuracy:.4f}", flush=True)
 
-    print(f"[2/4] writing {n} MNIST test images as PNG", flush=True)
-    data = datasets.load_mnist()
-    n = min(n, len(data.x_test))
     images = out_dir / "images"
     shutil.rmtree(images, ignore_errors=True)
-    png_mean = _write_images(data.x_test[:n], data.y_test[:n], images)
-    expected_correct = _expected_correct(conv.bundle_dir, data.x_test[:n], data.y_test[:n])
+    fmt = "PNG"
+    if images_data is not None:
+        side = images_data.test
+        n = min(n, len(side.y))
+        if images_data.files:
+            print(f"[2/4] taking {n} of your test images ({images_data.split.describe()})", flush=True)
+            png_mean, fmt = _copy_files(side.items[:n], side.y[:n], images)
+        else:
+            print(f"[2/4] writing {n} of your test images as PNG", flush=True)
+            png_mean = _write_images(side.items[:n], side.y[:n], images, manifest.input.preprocess)
+    else:
+        print(f"[2/4] writing {n} MNIST test images as PNG", flush=True)
+        mnist = datasets.load_mnist()
+        n = min(n, len(mnist.x_test))
+        png_mean = _write_images(mnist.x_test[:n], mnist.y_test[:n], images)
+    # what the device will compute from these files, run here: the end-to-end answers must equal it
+    _, y_files, x_files = _device_inputs(conv.bundle_dir, images)
+    expected_correct = _expected_correct(conv.bundle_dir, x_files, y_files)
+    keras_model = zoo.load_model(model)
+    keras_correct = int((np.argmax(keras_model.predict(x_files, batch_size=64, verbose=0), -1) == y_files).sum())
 
     procs: list[subprocess.Popen] = []
     broker_proc = cloud_proc = device_proc = None
@@ -295,12 +385,14 @@ def run_demo(*, model: str = "paper-cnn", cut: str = "pool2", quant: str = "int8
     if stats.get("seconds"):
         seconds = float(stats["seconds"])  # first send to last answer, as the device saw it
     raw_frame = _frame_bytes(manifest)
-    result = DemoResult(model=model, cut=cut, quant=quant, broker=broker_url, images=n, answered=answered,
+    result = DemoResult(model=model if images_data is None else manifest.model, cut=cut, quant=quant,
+                        broker=broker_url, images=n, answered=answered,
                         correct=correct, parity_accuracy=float(conv.accuracy), expected_correct=expected_correct,
                         latency_ms=percentiles(latencies), seconds=seconds,
                         frame_bytes=round(stats.get("bytes_per_frame") or raw_frame), raw_frame_bytes=raw_frame,
                         raw_image_bytes=int(np.prod(manifest.input.shape)), png_bytes_mean=png_mean,
-                        out_dir=str(out_dir))
+                        out_dir=str(out_dir), keras_correct=keras_correct, image_format=fmt,
+                        data=images_data.split.describe() if images_data is not None else None, cut_note=cut_note)
     files = {"bundle": conv.bundle_dir, "results": results_path, "logs": logs}
     if latencies:
         _latency_png(latencies, out_dir / "latency.png")

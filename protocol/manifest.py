@@ -121,7 +121,10 @@ class Preprocess(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
         What the auditor shows and scores reconstructions in.
         """
-        p = np.asarray(x, np.float32) * np.asarray(self.std, np.float32) + np.asarray(self.mean, np.float32)
+        x = np.asarray(x, np.float32)
+        if self.mean == 0.0 and self.std == 255.0:   # already pixel / 255 (MNIST): exactly as it is
+            return np.clip(x, 0.0, 1.0)
+        p = x * np.asarray(self.std, np.float32) + np.asarray(self.mean, np.float32)
         return np.clip(p / np.float32(255.0), 0.0, 1.0).astype(np.float32, copy=False)
 
     def describe(self) -> str:

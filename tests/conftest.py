@@ -3,5 +3,5 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-pytest_plugins = [p for p in ("fixtures_core", "fixtures_models", "fixtures_brokers")
+pytest_plugins = [p for p in ("fixtures_core", "fixtures_models", "fixtures_brokers", "fixtures_userdata")
                   if os.path.exists(os.path.join(os.path.dirname(__file__), p + ".py"))]

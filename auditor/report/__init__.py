@@ -241,13 +241,25 @@ def _budget_text(b: dict) -> str:
     return ", ".join(given) if given else "none given"
 
 
+def _data_line(result, html_: bool = False) -> str:
+    """The user's images: classes and preprocessing (the split is in the dataset text already)."""
+    d = getattr(result, "data", None)
+    if not d:
+        return ""
+    classes = ", ".join(d["classes"][:8]) + (", ..." if len(d["classes"]) > 8 else "")
+    text = (f"classes {classes}; input {d['preprocess']}; the attacker's own images are train images, the "
+            "attacked ones test images")
+    return ("<br>" + _e(text)) if html_ else ("\n\n" + text)
+
+
 def render_html(result, figs: dict) -> str:
     from auditor.report import sigma_bands
 
     c = result.ceilings
     sub = (f"{_e(result.dataset)} · {len(result.cuts)} cut(s) · N = {c['n']} test images · σ² = "
            f"{result.spec.sigma2:g} · seed {result.spec.seed}"
-           + (f" · preset {_e(result.spec.preset)}" if result.spec.preset else ""))
+           + (f" · preset {_e(result.spec.preset)}" if result.spec.preset else "")
+           + _data_line(result, html_=True))
     fields = {
         "model": _e(result.model_name),
         "subtitle": sub,
@@ -273,7 +285,8 @@ def render_markdown(result) -> str:
     c = result.ceilings
     lines = [f"# Leakage audit: {result.model_name}", "",
              f"{result.dataset}, {len(result.cuts)} cut(s), N = {c['n']}, sigma^2 = {result.spec.sigma2:g}, "
-             f"seed {result.spec.seed}" + (f", preset {result.spec.preset}" if result.spec.preset else ""), "",
+             f"seed {result.spec.seed}" + (f", preset {result.spec.preset}" if result.spec.preset else "")
+             + _data_line(result), "",
              f"**Recommended cut: {result.recommendation.get('cut') or 'none'}** — {result.recommendation['reason']}",
              "", f"Ceilings: I(X;B) <= log2 N = {c['log2_n']:.4f} bits, I(Y;B) <= H(Y) = {c['h_y']:.4f} bits; "
              "`*` marks a saturated figure (within 0.01 bit of its ceiling).", ""]

@@ -1,0 +1,135 @@
+"""A user's own model and images: rendered coloured shapes on disk and small Keras models trained on them.
+
+Nothing is downloaded: the images are drawn with Pillow (a coloured circle, square, triangle or
+cross on a noisy background of another colour, at a random place and size, saved as JPEG at
+sizes other than the model's so that the resize is exercised).
+
+``user_rgb`` (session): the issue's camera-like model — ``keras.applications.MobileNetV2(alpha=0.35,
+input_shape=(96, 96, 3), weights=None)`` with a 4-class softmax head, trained on those images
+scaled to [-1, 1] (MobileNetV2's ``preprocess_input``), so converting it needs
+``--preprocess scale=1/127.5,offset=-1``.  Built once per machine by :func:`cached_build` (the
+training takes a few minutes on two busy cores); the test process only loads the file.
+"""
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import pytest
+
+from fixtures_models import cached_build
+
+CLASSES = ("circle", "cross", "square", "triangle")
+
+# Run as ``python -c SHAPES_CODE`` by the recipes below and importable by tests: one drawing code.
+SHAPES_CODE = '''
+import numpy as np
+from pathlib import Path
+from PIL import Image, ImageDraw
+
+CLASSES = ("circle", "cross", "square", "triangle")
+
+
+def draw(label, rng, size):
+    """One RGB image of class ``label``: a coloured shape on a noisy background of another colour."""
+    w, h = size
+    bg = rng.integers(0, 256, 3)
+    fg = (bg + rng.integers(90, 166, 3)) % 256
+    base = np.clip(rng.normal(0, 18, (h, w, 3)) + bg, 0, 255).astype(np.uint8)
+    img = Image.fromarray(base, "RGB")
+    d = ImageDraw.Draw(img)
+    r = rng.uniform(0.22, 0.34) * min(w, h)
+    cx, cy = rng.uniform(r + 2, w - r - 2), rng.uniform(r + 2, h - r - 2)
+    colour = tuple(int(v) for v in fg)
+    if label == 0:
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    elif label == 1:
+        t = max(2, int(r * 0.35))
+        d.rectangle([cx - r, cy - t, cx + r, cy + t], fill=colour)
+        d.rectangle([cx - t, cy - r, cx + t, cy + r], fill=colour)
+    elif label == 2:
+        d.rectangle([cx - r * 0.85, cy - r * 0.85, cx + r * 0.85, cy + r * 0.85], fill=colour)
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=colour)
+    return img
+
+
+def write_shapes(root, n_per_class, *, seed=0, sizes=((120, 100), (96, 96), (140, 110)), suffix=".jpg",
+                 mode="RGB", layout="folders"):
+    """Class folders root/<class>/NNN.jpg (or a flat folder with labels.csv); returns root."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = ["file,label"]
+    for label, name in enumerate(CLASSES):
+        for i in range(n_per_class):
+            img = draw(label, rng, sizes[int(rng.integers(len(sizes)))])
+            if mode == "L":
+                img = img.convert("L")
+            if layout == "folders":
+                (root / name).mkdir(exist_ok=True)
+                img.save(root / name / f"{i:03d}{suffix}", quality=92)
+            else:
+                fname = f"img_{label}_{i:03d}{suffix}"
+                img.save(root / fname, quality=92)
+                rows.append(f"{fname},{name}")
+    if layout == "labels.csv":
+        (root / "labels.csv").write_text("\\n".join(rows) + "\\n")
+    return root
+'''
+
+# Run as ``python -c RGB_RECIPE OUT``: the images, then MobileNetV2 trained on them ([-1, 1] input).
+RGB_RECIPE = SHAPES_CODE + '''
+import os, sys
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import keras
+
+from converter.inputspec import make_preprocess
+from converter.userdata import load_data
+from protocol import manifest as mf
+
+out = Path(sys.argv[1])
+write_shapes(out / "shapes", 100, seed=0)
+spec = mf.InputSpec(shape=(96, 96, 3), dtype="float32", preprocess=make_preprocess((96, 96, 3), 127.5, 127.5))
+data = load_data(out / "shapes").for_input(spec, progress=False)   # the same 80/20 split convert makes
+keras.utils.set_random_seed(0)
+base = keras.applications.MobileNetV2(alpha=0.35, input_shape=(96, 96, 3), weights=None, include_top=False,
+                                      pooling="avg")
+model = keras.Model(base.input, keras.layers.Dense(len(CLASSES), activation="softmax", name="predictions")(base.output),
+                    name="shapes_mobilenet")
+# MobileNetV2's BatchNorm momentum (0.999) needs thousands of steps before its moving statistics are
+# usable at inference; a short training needs a short memory
+for layer in model.layers:
+    if isinstance(layer, keras.layers.BatchNormalization):
+        layer.momentum = 0.9
+model.compile(keras.optimizers.Adam(2e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+x, y = data.x_train[:], data.y_train
+model.fit(x, y, epochs=12, batch_size=32, verbose=0, shuffle=True)
+loss, acc = model.evaluate(data.x_test[:], data.y_test, verbose=0)
+print(f"test accuracy {acc:.4f}", file=sys.stderr)
+model.save(out / "mobilenet.keras")
+(out / "accuracy.txt").write_text(f"{acc}\\n")
+'''
+
+
+def shapes_module():
+    """The drawing code as a module (``write_shapes``, ``draw``, ``CLASSES``)."""
+    mod = types.ModuleType("shapes")
+    exec(SHAPES_CODE, mod.__dict__)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def shapes():
+    """``write_shapes(root, n_per_class, ...)`` and friends."""
+    return shapes_module()
+
+
+@pytest.fixture(scope="session")
+def user_rgb():
+    """The user's RGB camera model and images: ``.model`` (mobilenet.keras), ``.images`` (class folders of
+    JPEG files), ``.accuracy`` (the Keras test accuracy on the held-out fifth), ``.preprocess``."""
+    out = cached_build("user-rgb-mobilenet", RGB_RECIPE, check=lambda d: (d / "mobilenet.keras").stat())
+    return types.SimpleNamespace(model=out / "mobilenet.keras", images=out / "shapes",
+                                 accuracy=float((out / "accuracy.txt").read_text()),
+                                 preprocess="scale=1/127.5,offset=-1", root=out)
