@@ -1,7 +1,7 @@
 """A user's own model and images: rendered coloured shapes on disk and small Keras models trained on them.
 
 Nothing is downloaded: the images are drawn with Pillow (a coloured circle, square, triangle or
-cross on a noisy background of another colour, at a random place and size, saved as JPEG at
+cross on a noisy background of a darker or brighter colour, at a random place and size, saved as JPEG at
 sizes other than the model's so that the resize is exercised).
 
 ``user_rgb`` (session): the issue's camera-like model — ``keras.applications.MobileNetV2(alpha=0.35,
@@ -33,8 +33,9 @@ CLASSES = ("circle", "cross", "square", "triangle")
 def draw(label, rng, size):
     """One RGB image of class ``label``: a coloured shape on a noisy background of another colour."""
     w, h = size
-    bg = rng.integers(0, 256, 3)
-    fg = (bg + rng.integers(90, 166, 3)) % 256
+    # a dark background and a bright shape, or the other way round: colourful, and clear in grey too
+    dark, bright = rng.integers(0, 100, 3), rng.integers(155, 256, 3)
+    bg, fg = (dark, bright) if rng.random() < 0.5 else (bright, dark)
     base = np.clip(rng.normal(0, 18, (h, w, 3)) + bg, 0, 255).astype(np.uint8)
     img = Image.fromarray(base, "RGB")
     d = ImageDraw.Draw(img)
