@@ -1,7 +1,7 @@
 """A user's own model and images: rendered coloured shapes on disk and small Keras models trained on them.
 
-Nothing is downloaded: the images are drawn with Pillow (a coloured circle, square, triangle or
-cross on a noisy background of a darker or brighter colour, at a random place and size, saved as JPEG at
+Nothing is downloaded: the images are drawn with Pillow (a red circle, a green cross, a blue square or
+a yellow triangle, colours jittered, on a dark or bright noisy background, at a random place and size, saved as JPEG at
 sizes other than the model's so that the resize is exercised).
 
 ``user_rgb`` (session): the issue's camera-like model — ``keras.applications.MobileNetV2(alpha=0.35,
@@ -30,12 +30,16 @@ from PIL import Image, ImageDraw
 CLASSES = ("circle", "cross", "square", "triangle")
 
 
+#: each class has its shape and its colour family (red, green, blue, yellow): an RGB model that mixed up
+#: the channels would be caught, and a grey one still sees the shape
+PALETTE = ((225, 55, 45), (55, 195, 75), (55, 85, 225), (235, 205, 40))
+
+
 def draw(label, rng, size):
-    """One RGB image of class ``label``: a coloured shape on a noisy background of another colour."""
+    """One RGB image of class ``label``: its shape, in its colour, on a dark or bright noisy background."""
     w, h = size
-    # a dark background and a bright shape, or the other way round: colourful, and clear in grey too
-    dark, bright = rng.integers(0, 100, 3), rng.integers(155, 256, 3)
-    bg, fg = (dark, bright) if rng.random() < 0.5 else (bright, dark)
+    bg = rng.integers(0, 60, 3) if rng.random() < 0.5 else rng.integers(200, 256, 3)
+    fg = np.clip(np.asarray(PALETTE[label]) + rng.integers(-25, 26, 3), 0, 255)
     base = np.clip(rng.normal(0, 18, (h, w, 3)) + bg, 0, 255).astype(np.uint8)
     img = Image.fromarray(base, "RGB")
     d = ImageDraw.Draw(img)
@@ -90,7 +94,7 @@ from converter.userdata import load_data
 from protocol import manifest as mf
 
 out = Path(sys.argv[1])
-write_shapes(out / "shapes", 100, seed=0)
+write_shapes(out / "shapes", 150, seed=0)
 spec = mf.InputSpec(shape=(96, 96, 3), dtype="float32", preprocess=make_preprocess((96, 96, 3), 127.5, 127.5))
 data = load_data(out / "shapes").for_input(spec, progress=False)   # the same 80/20 split convert makes
 keras.utils.set_random_seed(0)
@@ -103,9 +107,11 @@ model = keras.Model(base.input, keras.layers.Dense(len(CLASSES), activation="sof
 for layer in model.layers:
     if isinstance(layer, keras.layers.BatchNormalization):
         layer.momentum = 0.9
-model.compile(keras.optimizers.Adam(2e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
 x, y = data.x_train[:], data.y_train
-model.fit(x, y, epochs=12, batch_size=32, verbose=0, shuffle=True)
+epochs = 24
+schedule = keras.optimizers.schedules.CosineDecay(3e-3, decay_steps=epochs * -(-len(x) // 32))
+model.compile(keras.optimizers.Adam(schedule), "sparse_categorical_crossentropy", metrics=["accuracy"])
+model.fit(x, y, epochs=epochs, batch_size=32, verbose=0, shuffle=True)
 loss, acc = model.evaluate(data.x_test[:], data.y_test, verbose=0)
 print(f"test accuracy {acc:.4f}", file=sys.stderr)
 model.save(out / "mobilenet.keras")
