@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fixtures_core import require
 from fixtures_models import BLOCKED_CLI, blocked_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,7 +27,9 @@ pytestmark = [pytest.mark.timeout(3600)]
 
 @pytest.fixture(scope="module")
 def keras_model(user_rgb):
-    keras = pytest.importorskip("keras")
+    require("tensorflow")
+    import keras
+
     return keras.saving.load_model(user_rgb.model, compile=False)
 
 

@@ -11,7 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-keras = pytest.importorskip("keras")
+from fixtures_core import require  # noqa: E402
+
+require("tensorflow")
+import keras  # noqa: E402
 
 from converter.inputspec import make_preprocess  # noqa: E402
 from converter.userdata import load_data  # noqa: E402

@@ -89,11 +89,19 @@ def test_bad_geometry_is_a_usage_error():
         make_preprocess((96, 96, 3), resize=(80, 80))
 
 
-keras = pytest.importorskip("keras")
-L = keras.layers
+from fixtures_core import require  # noqa: E402
 
 
-def _classifier(head_layers, shape=(16, 16, 3)):
+@pytest.fixture(scope="module")
+def keras():
+    require("tensorflow")
+    import keras
+
+    return keras
+
+
+def _classifier(keras, head_layers, shape=(16, 16, 3)):
+    L = keras.layers
     inp = keras.Input(shape)
     x = inp
     for layer in head_layers:
@@ -102,28 +110,29 @@ def _classifier(head_layers, shape=(16, 16, 3)):
     return keras.Model(inp, L.Dense(3, activation="softmax")(x))
 
 
-def test_a_rescaling_or_normalization_layer_at_the_input_belongs_to_the_model():
-    assert input_layer_scaling(_classifier([L.Rescaling(1 / 127.5, offset=-1)])) == "Rescaling"
-    assert input_layer_scaling(_classifier([L.RandomFlip(), L.Rescaling(1 / 255)])) == "Rescaling"
-    assert input_layer_scaling(_classifier([L.Normalization(mean=[120.0] * 3, variance=[900.0] * 3)])) \
+def test_a_rescaling_or_normalization_layer_at_the_input_belongs_to_the_model(keras):
+    L = keras.layers
+    assert input_layer_scaling(_classifier(keras, [L.Rescaling(1 / 127.5, offset=-1)])) == "Rescaling"
+    assert input_layer_scaling(_classifier(keras, [L.RandomFlip(), L.Rescaling(1 / 255)])) == "Rescaling"
+    assert input_layer_scaling(_classifier(keras, [L.Normalization(mean=[120.0] * 3, variance=[900.0] * 3)])) \
         == "Normalization"
-    assert input_layer_scaling(_classifier([])) is None
+    assert input_layer_scaling(_classifier(keras, [])) is None
     block = keras.Sequential([L.Rescaling(1 / 255)], name="prep")
-    assert input_layer_scaling(_classifier([block])) == "Rescaling"
+    assert input_layer_scaling(_classifier(keras, [block])) == "Rescaling"
     seq = keras.Sequential([keras.Input((16, 16, 1)), L.Rescaling(1 / 255), L.Flatten(), L.Dense(2)])
     assert input_layer_scaling(seq) == "Rescaling"
 
     # so the device sends plain pixels, and --preprocess is not needed (nor applied twice)
-    r = resolve(_classifier([L.Rescaling(1 / 127.5, offset=-1)]))
+    r = resolve(_classifier(keras, [L.Rescaling(1 / 127.5, offset=-1)]))
     assert (r.spec.preprocess.mean, r.spec.preprocess.std) == (0.0, 1.0)
     assert r.spec.preprocess.value_range == (0.0, 255.0) and "Rescaling" in r.origin
-    assert resolve(_classifier([]), preprocess="scale=1/127.5,offset=-1").spec.preprocess.mean == 127.5
-    r = resolve(_classifier([]))
+    assert resolve(_classifier(keras, []), preprocess="scale=1/127.5,offset=-1").spec.preprocess.mean == 127.5
+    r = resolve(_classifier(keras, []))
     assert r.spec.preprocess.value_range == (0.0, 1.0) and "default" in r.origin
-    assert resolve(_classifier([], shape=(10, 12, 1))).spec.preprocess.color_mode == "L"
+    assert resolve(_classifier(keras, [], shape=(10, 12, 1))).spec.preprocess.color_mode == "L"
 
 
-def test_the_usual_scaling_the_model_classifies_best_is_chosen(tmp_path):
+def test_the_usual_scaling_the_model_classifies_best_is_chosen(keras, tmp_path):
     # a "model" that answers right only for inputs in [-1, 1]: class = is the image bright?
     from converter.userdata import load_data
 
