@@ -366,7 +366,7 @@ def run_demo(*, model: str = "paper-cnn", cut: str | None = None, quant: str = "
                     continue
                 answered += 1
                 truth = int(Path(rec["input"]).stem.split("_")[1])
-                correct += int(rec["label"]) == truth
+                correct += int(rec["index"]) == truth   # the class index (labels may be names)
                 latencies.append(float(rec["latency_ms"]))
                 if bar is not None:
                     bar.update(1)

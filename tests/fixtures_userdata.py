@@ -4,7 +4,7 @@ Nothing is downloaded: the images are drawn with Pillow (a red circle, a green c
 a yellow triangle, colours jittered, on a dark or bright noisy background, at a random place and size, saved as JPEG at
 sizes other than the model's so that the resize is exercised).
 
-``user_rgb`` (session): the issue's camera-like model — ``keras.applications.MobileNetV2(alpha=0.35,
+``user_rgb`` (session): a camera-like model — ``keras.applications.MobileNetV2(alpha=0.35,
 input_shape=(96, 96, 3), weights=None)`` with a 4-class softmax head, trained on those images
 scaled to [-1, 1] (MobileNetV2's ``preprocess_input``), so converting it needs
 ``--preprocess scale=1/127.5,offset=-1``.  Built once per machine by :func:`cached_build` (the
@@ -132,11 +132,42 @@ def shapes():
     return shapes_module()
 
 
+#: where the RGB bundles are cut: early (24x24x8) and in the middle (6x6x24)
+RGB_CUTS = ("block_2_add", "block_9_add")
+PREPROCESS = "scale=1/127.5,offset=-1"
+
+# Run as ``python -c RGB_BUNDLES_RECIPE OUT`` (formatted with the model's folder): the command a user
+# types, `edgesplit convert mobilenet.keras --data shapes --preprocess ... --cut C`, at both cuts.
+RGB_BUNDLES_RECIPE = """
+import subprocess, sys
+from pathlib import Path
+
+out, root = Path(sys.argv[1]), Path({root!r})
+for cut in {cuts!r}:
+    done = subprocess.run([sys.executable, "-m", "edgesplit", "convert", str(root / "mobilenet.keras"), "--cut", cut,
+                           "--data", str(root / "shapes"), "--preprocess", {preprocess!r}, "--calibration", "200",
+                           "--out", str(out / cut)], capture_output=True, text=True)
+    sys.stderr.write(done.stderr)
+    if done.returncode != 0:
+        sys.exit(done.returncode)
+    (out / f"{{cut}}.txt").write_text(done.stdout)
+"""
+
+
 @pytest.fixture(scope="session")
 def user_rgb():
-    """The user's RGB camera model and images: ``.model`` (mobilenet.keras), ``.images`` (class folders of
-    JPEG files), ``.accuracy`` (the Keras test accuracy on the held-out fifth), ``.preprocess``."""
+    """The user's RGB camera model and images, and its bundles at two cuts made by `edgesplit convert --data`:
+
+    ``.model`` (mobilenet.keras), ``.images`` (class folders of JPEG files), ``.accuracy`` (the Keras
+    test accuracy on the held-out fifth), ``.preprocess``, ``.bundles`` ({cut: bundle dir}) and
+    ``.printed`` ({cut: what convert printed}).  Both built once per machine.
+    """
+    from protocol.manifest import load_bundle
+
     out = cached_build("user-rgb-mobilenet", RGB_RECIPE, check=lambda d: (d / "mobilenet.keras").stat())
+    recipe = RGB_BUNDLES_RECIPE.format(root=str(out), cuts=RGB_CUTS, preprocess=PREPROCESS)
+    made = cached_build("user-rgb-bundles", recipe, check=lambda d: [load_bundle(d / c) for c in RGB_CUTS])
     return types.SimpleNamespace(model=out / "mobilenet.keras", images=out / "shapes",
-                                 accuracy=float((out / "accuracy.txt").read_text()),
-                                 preprocess="scale=1/127.5,offset=-1", root=out)
+                                 accuracy=float((out / "accuracy.txt").read_text()), preprocess=PREPROCESS,
+                                 root=out, bundles={c: made / c for c in RGB_CUTS},
+                                 printed={c: (made / f"{c}.txt").read_text() for c in RGB_CUTS})

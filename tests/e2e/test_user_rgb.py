@@ -1,10 +1,13 @@
 """A camera-like RGB model the project has never seen, from the command line, on a real Mosquitto.
 
 The user's MobileNetV2 (alpha 0.35, 96x96x3, trained on [-1, 1] input) and their folder of JPEG files
-(class folders): `edgesplit convert --data --preprocess` at two cuts, `edgesplit profile --data`,
+(class folders): `edgesplit convert --data --preprocess` at two cuts (run once per machine by the
+fixture, as the model's training is), `edgesplit profile --data`,
 `edgesplit cloud` and `edgesplit device run` (a process that cannot import TensorFlow) reading the
 JPEG files; end-to-end accuracy within 1 % of the Keras model's on the same images.  Then
-`edgesplit audit my.keras --data D` writes the report, with the reconstructions in colour.
+`edgesplit audit BUNDLE` finds the model and the images the bundle was made from and writes the report,
+with the reconstructions in colour (`audit my.keras --data D` is the same audit with one conversion
+more; tests/integration/test_user_data.py runs it on a small model).
 """
 from __future__ import annotations
 
@@ -18,9 +21,7 @@ import pytest
 
 from fixtures_core import require
 from fixtures_models import BLOCKED_CLI, blocked_env
-
-ROOT = Path(__file__).resolve().parents[2]
-CUTS = ("block_2_add", "block_9_add")
+from fixtures_userdata import RGB_CUTS as CUTS
 
 pytestmark = [pytest.mark.timeout(3600)]
 
@@ -34,23 +35,9 @@ def keras_model(user_rgb):
 
 
 @pytest.fixture(scope="module")
-def converted(user_rgb, tmp_path_factory):
-    """`edgesplit convert mobilenet.keras --data shapes --preprocess scale=1/127.5,offset=-1 --cut C` at two cuts."""
-    import contextlib
-    import io
-
-    from edgesplit.cli import main
-
-    out = tmp_path_factory.mktemp("rgb-bundles")
-    printed = {}
-    for cut in CUTS:
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            code = main(["convert", str(user_rgb.model), "--cut", cut, "--data", str(user_rgb.images),
-                         "--preprocess", user_rgb.preprocess, "--out", str(out / cut)])
-        assert code == 0
-        printed[cut] = buf.getvalue()
-    return out, printed
+def converted(user_rgb):
+    """The bundles `edgesplit convert mobilenet.keras --data shapes --preprocess ... --cut C` made (cached)."""
+    return Path(next(iter(user_rgb.bundles.values()))).parent, user_rgb.printed
 
 
 def test_rgb_mobilenet_converts_at_two_cuts_with_the_users_data(user_rgb, converted, keras_model):
@@ -139,15 +126,16 @@ def test_end_to_end_on_mosquitto_matches_keras_within_one_percent(user_rgb, conv
         print("\nuser RGB MobileNetV2 (alpha 0.35, 96x96), 120 JPEG test images:\n  " + "\n  ".join(lines))
 
 
-def test_audit_of_the_rgb_model_writes_colour_reconstructions(user_rgb, converted, tmp_path):
+def test_audit_of_the_rgb_bundle_writes_colour_reconstructions(user_rgb, converted, tmp_path):
     from PIL import Image
 
     from edgesplit.cli import main
 
+    bundles, _ = converted
     out = tmp_path / "audit"
-    code = main(["audit", str(user_rgb.model), "--data", str(user_rgb.images), "--preprocess", user_rgb.preprocess,
-                 "--cuts", CUTS[0], "--n", "40", "--attack-n", "4", "--iters", "40", "--decoder-epochs", "1",
-                 "--calibration", "100", "--out", str(out)])
+    # no --model, no --data: the manifest names mobilenet.keras (and its sha256) and the image folder
+    code = main(["audit", str(bundles / CUTS[0]), "--n", "40", "--attack-n", "4", "--iters", "40",
+                 "--decoder-epochs", "1", "--out", str(out)])
     assert code == 0
     for name in ("report.html", "report.json", "report.md"):
         assert (out / name).is_file()
@@ -156,7 +144,8 @@ def test_audit_of_the_rgb_model_writes_colour_reconstructions(user_rgb, converte
     assert report["data"]["n_test"] == 120 and report["data"]["test_split"] == 0.2
     assert "(pixel - 127.5) / 127.5" in report["data"]["preprocess"]
     assert [c["name"] for c in report["cuts"]] == [CUTS[0]]
-    # the reconstruction grid is in colour: its image cells are not grey
-    grid = np.asarray(Image.open(out / "figures" / "reconstruction_grid.png").convert("RGB"), np.int16)
+    assert "classes circle, cross, square, triangle" in (out / "report.md").read_text()
+    # the reconstruction grid is in colour: many of its pixels are far from grey
+    grid = np.asarray(Image.open(out / "figures" / "grid.png").convert("RGB"), np.int16)
     spread = np.abs(grid[..., 0] - grid[..., 1]) + np.abs(grid[..., 1] - grid[..., 2])
     assert (spread > 60).mean() > 0.01

@@ -239,3 +239,78 @@ def test_models_edgesplit_cannot_split_are_one_error(tmp_path, capsys):
         bundle.convert(erf, cut="conv", data=str(d), preprocess="range=0:1", out=tmp_path / "erf", progress=False)
     assert "layer 'my_erf' (Lambda) uses Erf" in err.value.message and "built-in ops" in err.value.message
     assert err.value.exit_code == 2 and err.value.fix
+
+
+SMALL_AUDIT = ("--n", "40", "--attack-n", "4", "--iters", "30", "--decoder-epochs", "1")
+
+
+def test_audit_of_a_users_model_and_of_its_bundle(grey, tmp_path, capsys):
+    # `edgesplit audit my.keras --data D`: the report says which images, how split, how scaled
+    code, printed, err = _cli(capsys, "audit", grey.path, "--data", grey.images, "--cuts", "pool1", *SMALL_AUDIT,
+                              "--out", tmp_path / "a")
+    assert code == 0, err
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["data"]["kind"] == "labels.csv" and report["data"]["classes"] == CLASSES
+    assert (report["data"]["n_train"], report["data"]["n_test"]) == (192, 48)
+    assert "seeded per-class split" in report["dataset"] and report["settings"]["data"] == str(grey.images.resolve())
+    # a bundle whose model file has moved: the error names the file and the way out
+    model = tmp_path / "models" / "grey.keras"
+    model.parent.mkdir()
+    shutil.copyfile(grey.path, model)
+    assert _cli(capsys, "convert", model, "--cut", "pool1", "--data", grey.images, "--out", tmp_path / "b")[0] == 0
+    moved = tmp_path / "elsewhere.keras"
+    model.rename(moved)
+    err = _refused(capsys, "audit", tmp_path / "b", *SMALL_AUDIT, "--out", tmp_path / "x",
+                   words=[f"was made from {model}", "not on this machine", "--model FILE"])
+    assert "sha256" in err
+    # --model FILE, and the images the manifest names: no --data needed
+    code, printed, err = _cli(capsys, "audit", tmp_path / "b", "--model", moved, *SMALL_AUDIT, "--out", tmp_path / "c")
+    assert code == 0, err
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert [c["name"] for c in report["cuts"]] == ["pool1"] and report["data"]["source"] == str(grey.images.resolve())
+
+
+def test_tiny_and_camera_sized_inputs_from_an_npz(tmp_path):
+    """8x8 grey and 224x224 RGB models convert from .npz pixels of other sizes; the device resizes the same way."""
+    from converter import bundle
+
+    rng = np.random.default_rng(0)
+    for shape, size in (((8, 8, 1), (12, 10)), ((224, 224, 3), (160, 120))):
+        h, w = size[1], size[0]
+        x = rng.integers(0, 256, (40, h, w) + ((3,) if shape[-1] == 3 else ()), dtype=np.uint8)
+        y = np.arange(40) % 3
+        np.savez(tmp_path / "d.npz", x=x, y=y)
+        keras.utils.set_random_seed(0)
+        inp = keras.Input(shape)
+        hdn = L.Conv2D(4, 3, strides=1 if shape[0] == 8 else 4, activation="relu", name="conv")(inp)
+        model = keras.Model(inp, L.Dense(3, activation="softmax", name="out")(L.GlobalAveragePooling2D(name="gap")(hdn)),
+                            name=f"m{shape[0]}")
+        out = tmp_path / f"b{shape[0]}"
+        result = bundle.convert(model, cut="conv", data=str(tmp_path / "d.npz"), preprocess="range=0:1",
+                                out=out, progress=False)
+        m = result.manifest
+        assert m.input.shape == shape and m.dataset.kind == "npz" and (m.dataset.n_train, m.dataset.n_test) == (32, 8)
+        assert result.parity.agreement >= 0.75
+        # the device's numpy path resizes an (H, W) uint8 image as the converter did
+        from converter.userdata import load_data
+
+        d = load_data(tmp_path / "d.npz")
+        np.testing.assert_array_equal(Preprocessor(m.input).arrays(d.test.items),
+                                      d.for_input(m.input, progress=False).x_test[:])
+
+
+def test_demo_with_a_users_model_and_images_prints_the_demo_table(grey, tmp_path):
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "edgesplit", "demo", "--model", str(grey.path), "--data",
+                           str(grey.images), "--cut", "pool2", "--out", str(tmp_path / "demo")],
+                          cwd=tmp_path, env=env, text=True, capture_output=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for row in ("model / cut / quant", "images sent / answered", "accuracy (end to end)",
+                "accuracy (head+tail run here)", "accuracy (Keras model)", "latency p50 / p95 / p99", "throughput",
+                "bytes sent per image (frame)", "raw image (uint8) / PNG", "data"):
+        assert row in out, out
+    assert "48 / 48" in out and "grey" in out
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["images"] == 48 and summary["correct"] == summary["expected_correct"]
+    assert abs(summary["correct"] - summary["keras_correct"]) <= 2
