@@ -159,7 +159,9 @@ def _resolve(model, data, labels, name=None, *, preprocess=None, test_split=None
     if isinstance(data, userdata.ImageData):
         names = data.check_outputs(n_out, repr(name))
         labels = list(labels) if labels is not None else names
-        resolved = inputspec.resolve(keras_model, preprocess=preprocess, data=data, n_outputs=n_out, name=repr(name))
+        zoo_range = tuple(float(v) for v in entry.input_spec.get("range", (0.0, 1.0))) if entry is not None else None
+        resolved = inputspec.resolve(keras_model, preprocess=preprocess, value_range=zoo_range, data=data,
+                                     n_outputs=n_out, name=repr(name))
         split = data.split
         bound = data.for_input(resolved.spec, progress=progress)
         return _Source(keras_model, name, bound, f"{Path(split.source).name} ({split.kind})", [str(v) for v in labels],

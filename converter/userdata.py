@@ -49,6 +49,8 @@ TRAIN_DIRS = ("train", "training")
 TEST_DIRS = ("test", "val", "validation")
 DEFAULT_TEST_SPLIT = 0.2
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+#: decoded pixels kept per set of images (a few thousand camera-sized images)
+CACHE_BYTES = 512 << 20
 
 _FORMS = ("a folder of class folders (D/<class>/*.jpg), a folder of images with a labels.csv "
           "(file,label), or an .npz with x_train, y_train, x_test, y_test")
@@ -180,8 +182,10 @@ class Images(Sequence):
     """N images decoded on demand: ``view[i]``, ``view[a:b]``, ``view[index_array]``, ``np.asarray(view)``.
 
     Indexing gives float32 head input (N, H, W, C); :meth:`pixels` gives the uint8 pixels
-    before normalisation.  Files are decoded once (the pixels are kept, the file bytes are
-    not); a progress bar shows while more than a few are decoded (only on a terminal).
+    before normalisation.  Decoded pixels are kept (up to :data:`CACHE_BYTES`; the file bytes
+    never are), so calibration and parity decode each file once; past that budget images are
+    decoded again when asked for.  A progress bar shows while more than a few are decoded (only
+    on a terminal).
     """
 
     def __init__(self, items, pre, *, progress: bool = True, what: str = "images"):
@@ -234,12 +238,11 @@ class Images(Sequence):
         if isinstance(self.items, np.ndarray):
             return np.stack([self._array_pixels(self.items[i]) for i in idx]) if len(idx) else \
                 np.zeros((0,) + self.shape[1:], np.uint8)
-        todo = [int(i) for i in idx if int(i) not in self._pixels]
-        if todo:
-            self._decode(todo)
         if not len(idx):
             return np.zeros((0,) + self.shape[1:], np.uint8)
-        return np.stack([self._pixels[int(i)] for i in idx])
+        todo = sorted({int(i) for i in idx if int(i) not in self._pixels})
+        fresh = self._decode(todo) if todo else {}
+        return np.stack([self._pixels[int(i)] if int(i) in self._pixels else fresh[int(i)] for i in idx])
 
     def _array_pixels(self, a: np.ndarray) -> np.ndarray:
         from PIL import Image
@@ -250,21 +253,29 @@ class Images(Sequence):
         img = Image.fromarray(a.squeeze(axis=-1) if a.ndim == 3 and a.shape[-1] == 1 else a)
         return self.pre.image_pixels(img)
 
-    def _decode(self, todo: list[int]) -> None:
+    def _decode(self, todo: list[int]) -> dict[int, np.ndarray]:
+        """Decode the files at ``todo``; keep them while the cache has room; return those it could not keep."""
         from tqdm.auto import tqdm
 
+        per_image = int(np.prod(self.shape[1:]))
+        extra: dict[int, np.ndarray] = {}
         bar = tqdm(total=len(todo), desc=f"decoding {self.what} images", unit="img", leave=False,
                    disable=None if (self.progress and len(todo) > 50) else True)
         try:
             for i in todo:
                 path = self.items[i]
                 try:
-                    self._pixels[i] = self.pre.image_pixels(self.pre.open_image(path))
+                    px = self.pre.image_pixels(self.pre.open_image(path))
                 except UsageError as exc:
                     raise DataError(f"{exc.message}", fix=f"replace or delete {path}, then run again") from None
+                if (len(self._pixels) + 1) * per_image <= CACHE_BYTES:
+                    self._pixels[i] = px
+                else:
+                    extra[i] = px
                 bar.update(1)
         finally:
             bar.close()
+        return extra
 
 
 # ---------------------------------------------------------------------- loading

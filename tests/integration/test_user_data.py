@@ -104,6 +104,16 @@ def test_grey_model_with_a_labels_csv_folder_from_the_command_line(grey, tmp_pat
     assert f"--data {grey.images.resolve()}" in cmd and "--test-split 0.2" in cmd and str(grey.path.resolve()) in cmd
 
 
+def test_plan_sends_raw_images_at_what_the_users_files_weigh(grey, capsys):
+    code, printed, err = _cli(capsys, "plan", grey.path, "--uplink", "1mbit", "--rtt", "40ms", "--data", grey.images,
+                              "--json")
+    assert code == 0, err
+    raw = next(o for o in json.loads(printed)["options"] if o["name"] == "raw")
+    files = list(load_data(grey.images).test.items)
+    mean = np.mean([f.stat().st_size for f in files])
+    assert "your image files" in raw["sources"]["bytes_up"] and raw["bytes_up"] == pytest.approx(mean + 60)
+
+
 def test_without_data_a_user_model_is_refused_with_the_way_out(grey, tmp_path, capsys):
     code, _, err = _cli(capsys, "convert", grey.path, "--cut", "pool1", "--out", tmp_path / "b")
     assert code == 2 and "no calibration and test images are known" in err and "--data" in err
@@ -300,6 +310,14 @@ def test_tiny_and_camera_sized_inputs_from_an_npz(tmp_path):
 
 
 def test_demo_with_a_users_model_and_images_prints_the_demo_table(grey, tmp_path):
+    from converter import cuts
+    from edgesplit.demo import default_cut
+
+    # without --cut: the fewest bytes sent with at most half the compute on the device
+    name, why = default_cut(grey.model)
+    found = {c.name: c for c in cuts.list_cuts(grey.model)}
+    assert name in found and found[name].head_macs <= (found[name].head_macs + found[name].tail_macs) / 2
+    assert "--cut to choose" in why
     env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "edgesplit", "demo", "--model", str(grey.path), "--data",
                            str(grey.images), "--cut", "pool2", "--out", str(tmp_path / "demo")],

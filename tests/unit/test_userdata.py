@@ -241,3 +241,13 @@ def test_sample_pixels_for_choosing_a_scaling(tmp_path):
     assert px.dtype == np.uint8 and px.shape == (8, 16, 16, 3) and len(y) == 8
     assert set(y.tolist()) <= {0, 1}
     assert userdata.IMAGE_SUFFIXES[0] == ".png"
+
+
+def test_decoded_pixels_are_kept_only_up_to_the_budget(tmp_path, monkeypatch):
+    root = _class_folders(tmp_path / "d", {"a": 10, "b": 10})
+    monkeypatch.setattr(userdata, "CACHE_BYTES", 5 * 16 * 16 * 3)     # room for five images
+    data = load_data(root).for_input(RGB_SPEC, progress=False)
+    first = data.x_train[:]
+    assert len(data.x_train._pixels) == 5
+    np.testing.assert_array_equal(data.x_train[:], first)             # the rest decoded again, the same
+    np.testing.assert_array_equal(first, Preprocessor(RGB_SPEC).batch(load_data(root).train.items))
