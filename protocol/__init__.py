@@ -26,6 +26,8 @@ __all__, __getattr__, __dir__ = public_names(__name__, {
     # bundles (protocol.manifest) and quantization arithmetic (protocol.tensors)
     "manifest": "protocol.manifest", "tensors": "protocol.tensors", "load_bundle": "protocol.manifest",
     "Manifest": "protocol.manifest", "Bundle": "protocol.manifest", "SCHEMA_VERSION": "protocol.manifest",
+    # the image a head takes: preprocessing steps and input (protocol.image)
+    "InputSpec": "protocol.image", "Preprocess": "protocol.image",
     # the one MQTT adapter (protocol.mqtt)
     "mqtt": "protocol.mqtt",
     # the device profile contract, edgesplit.profile/1 (protocol.profile), and percentiles (protocol.stats)
