@@ -12,6 +12,9 @@ __all__, __getattr__, __dir__ = public_names(__name__, {
     "load_mnist": "converter.datasets",
     "synthetic_images": "converter.datasets",
     "cache_dir": "converter.datasets",
+    "load_data": "converter.userdata",       # the user's --data images (folders, labels.csv, .npz)
+    "ImageData": "converter.userdata",
+    "DataError": "converter.userdata",
     "ZOO": "converter.zoo",
     "ZooEntry": "converter.zoo",
     "TrainResult": "converter.zoo",
