@@ -265,14 +265,22 @@ class NatsSource:
         try:
             self._loop.run_until_complete(self._main())
         except BaseException as exc:      # reported to start(); the worker decides
-            if self._error is None:
-                self._error = exc if isinstance(exc, ConfigError) else ConfigError(
-                    f"the NATS source failed: {type(exc).__name__}: {exc}", fix=f"check --source {self.url}")
-            self._ready.set()
-            if self._on_fatal is not None:
-                self._on_fatal(self._error)
+            if self._intake_stopped is not None and self._intake_stopped.is_set():
+                log.debug("the NATS source ended while stopping: %s", exc)   # a drain, not a failure
+            else:
+                if self._error is None:
+                    self._error = exc if isinstance(exc, ConfigError) else ConfigError(
+                        f"the NATS source failed: {type(exc).__name__}: {exc}", fix=f"check --source {self.url}")
+                self._ready.set()
+                if self._on_fatal is not None:
+                    self._on_fatal(self._error)
         finally:
             self._pull_done.set()
+            pending = [t for t in asyncio.all_tasks(self._loop) if not t.done()]
+            for t in pending:             # nats-py's own readers: end them before the loop goes
+                t.cancel()
+            if pending:
+                self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             self._loop.close()
 
     async def _connect(self):
@@ -378,7 +386,10 @@ class NatsSource:
         await self._finished.wait()
         stats_task.cancel()
         await asyncio.gather(stats_task, return_exceptions=True)
-        await nc.close()
+        try:
+            await nc.close()
+        except Exception as exc:          # closing during an outage: what was not acked is delivered again
+            log.debug("closing the NATS connection: %s", exc)
 
     async def _pull(self, sub) -> None:
         failing_since = None

@@ -185,3 +185,17 @@ def test_at_the_stream_bound_the_oldest_frames_go_and_are_counted(nats_cluster, 
     assert ids == list(range(121 - answered, 121))         # the newest were kept, the oldest dropped
     print(f"\nstream bounded to 30,000 bytes: {answered} newest of 120 frames answered, "
           f"{total['queue_dropped']} counted as dropped at the bound")
+
+
+def test_a_worker_whose_cluster_is_gone_still_drains_and_exits_0(nats_cluster, tiny_bundle, cloud_command):
+    """SIGTERM during an outage is a drain, not a failure: nothing it held is lost (unacked frames are
+    delivered again when the cluster is back), so `edgesplit cloud` exits 0 with its counters."""
+    c = nats_cluster
+    cloud = cloud_command(c.mqtt_url(0), tiny_bundle.root, "--group", "outage", "--source", c.nats_url)
+    cloud.wait_ready(1)
+    for i in range(len(c.nodes)):
+        c.kill(i)
+    time.sleep(2)
+    run = cloud.stop()                                     # asserts exit code 0
+    assert run["total"]["received"] == 0
+    assert not any("Traceback" in line for line in cloud.err), "".join(cloud.err)
