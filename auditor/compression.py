@@ -10,6 +10,11 @@ happen there (the 1024-unit layer of Saxe et al.'s network, at sigma^2 = 0.1 and
 """
 from __future__ import annotations
 
+#: what the seed and Saxe et al. read from this network, per activation (for the report's words)
+EXPECTED = {"tanh": "compression in the hidden layers (Saxe et al.); Tuor et al.'s Fig. 5b: compression",
+            "relu": "no compression in the hidden layers (Saxe et al.); Tuor et al.'s Fig. 5a: compression "
+                    "only at the output layer"}
+
 #: a fall from the peak smaller than this (bits) is not called compression
 COMPRESSION_BITS = 0.1
 #: compression needs this many last records all that far below the peak (one record can be a blip of SGD)
@@ -88,7 +93,6 @@ def words(result, trends, out) -> list[str]:
         lines.append(text)
     act = result.spec.activation
     if act in ("tanh", "relu"):
-        from auditor.dynamics import EXPECTED
 
         seen = ("hidden layers compressing: " + ", ".join(out["hidden_compressing"])
                 if out["hidden_compressing"] else "no hidden layer compresses")

@@ -63,10 +63,6 @@ PRESETS = {
     "saxe-tanh-short": dict(_SAXE, activation="tanh", epochs=100, lr=0.1, grid="log:30"),
     "saxe-relu-short": dict(_SAXE, activation="relu", epochs=100, lr=0.1, grid="log:30"),
 }
-#: what the seed and Saxe et al. read from this network, per activation (for the report's words)
-EXPECTED = {"tanh": "compression in the hidden layers (Saxe et al.); Tuor et al.'s Fig. 5b: compression",
-            "relu": "no compression in the hidden layers (Saxe et al.); Tuor et al.'s Fig. 5a: compression "
-                    "only at the output layer"}
 SNAPSHOT_FORMAT = "edgesplit.iplane-snapshot/1"
 SNAPSHOT_EVERY_S = 300.0
 

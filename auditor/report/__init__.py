@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from string import Template
 
+from auditor.report.jsonable import _clean, to_json  # noqa: F401 - to_json is public here
+
 log = logging.getLogger(__name__)
 
 TEMPLATE = Path(__file__).with_name("template.html")
@@ -35,24 +37,6 @@ def write_report(result, out) -> dict:
     paths["md"].write_text(render_markdown(result))
     log.info("report written to %s", out)
     return {k: str(v) for k, v in paths.items()}
-
-
-def to_json(result) -> dict:
-    """``result.to_dict()`` made strictly JSON (no NaN / numpy types)."""
-    from protocol.tensors import json_default
-
-    text = json.dumps(result.to_dict(), default=json_default)
-    return _clean(json.loads(text))
-
-
-def _clean(o):
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if isinstance(o, dict):
-        return {k: _clean(v) for k, v in o.items()}
-    if isinstance(o, list):
-        return [_clean(v) for v in o]
-    return o
 
 
 # ------------------------------------------------------------------------ html

@@ -149,7 +149,7 @@ def write(result, out) -> dict:
             "iplane_epochs": ("I(X;T) and I(Y;T) over training, lower to upper bound", over_epochs(result))}
     for key, (_, png) in figs.items():
         (out / "figures" / f"{key}.png").write_bytes(png)
-    from auditor.report import to_json
+    from auditor.report.jsonable import to_json
 
     paths = {"json": out / "iplane.json", "md": out / "iplane.md", "html": out / "iplane.html"}
     paths["json"].write_text(json.dumps(to_json(result), indent=1, allow_nan=False) + "\n")
