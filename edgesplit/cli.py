@@ -622,7 +622,7 @@ def add_profile(sub):
 
 
 def profile_inputs(args):
-    """--inputs as given, or the test side of --data (the images parity and the audit use)."""
+    """--inputs as given, or the --data images (a folder as the device reads it, an .npz's test arrays)."""
     if args.data is None:
         if args.test_split is not None:
             from protocol.errors import UsageError
@@ -636,8 +636,9 @@ def profile_inputs(args):
     # converter.userdata needs no TensorFlow: this still runs on the Pi
     from converter.userdata import load_data
 
-    test = load_data(args.data, test_split=args.test_split, seed=args.data_seed).test
-    return [str(f) for f in test.items[:200]] if isinstance(test.items, list) else test.items[:200]
+    images = load_data(args.data, test_split=args.test_split, seed=args.data_seed)   # checks the data
+    # a folder's images are read as the device reads a folder (the profile names the folder); an .npz's test arrays
+    return [str(args.data)] if images.files else images.test.items[:200]
 
 
 def run_profile(args) -> int:
