@@ -61,6 +61,9 @@ class AuditSpec:
     start: str = "grey"
     decoder_n: int = 5000             # attacker's own (training-set) images for the decoder
     decoder_epochs: int = 5
+    attacks: tuple | None = None      # registry names (auditor.attacks.ATTACKS); None = all four
+    aux_budgets: tuple = (100, 1000, 10_000)  # the query decoder's auxiliary-data sweep (capped at decoder_n)
+    hardened: tuple = ()              # `edgesplit harden` outputs (or hardened bundles) audited beside their cut
     sigma2: float = 0.1               # KDE noise variance
     kde_method: str = "fast"          # auditor.mi: "fast" (exact pruning) or "plain" (the O(N^2 d) reference)
     sigma_sweep: bool = True          # auditor.sigma: the KDE bounds of the float features over a grid of sigma^2
@@ -105,6 +108,14 @@ class AuditSpec:
                 fix="e.g. --min-accuracy 0.98 for 98 %")
         if self.cuts is not None and len(self.cuts) == 0:
             bad("--cuts names no layer", fix="omit --cuts to audit every valid cut")
+        from auditor.attacks import ATTACKS
+
+        unknown = [a for a in (self.attacks or ()) if a not in ATTACKS]
+        if unknown or (self.attacks is not None and not self.attacks):
+            bad(f"unknown attack(s) {', '.join(unknown) or '(none given)'}",
+                fix=f"use any of: {', '.join(ATTACKS)} (omit --attacks to run all four)")
+        if not self.aux_budgets or any(not isinstance(b, int) or b < 2 for b in self.aux_budgets):
+            bad(f"--aux-budgets must be whole numbers >= 2, got {self.aux_budgets!r}", fix="e.g. --aux-budgets 100 1000")
 
     @classmethod
     def make(cls, target, **kwargs) -> "AuditSpec":
@@ -116,8 +127,11 @@ class AuditSpec:
         values.update(given)
         if preset and values.get("attack_n", 0) > values.get("n", 0):
             values["attack_n"] = values["n"]
-        if "cuts" in values and values["cuts"] is not None:
-            values["cuts"] = tuple(values["cuts"])
+        for key in ("cuts", "attacks", "aux_budgets", "hardened"):
+            if key in values and values[key] is not None and not isinstance(values[key], (str, os.PathLike)):
+                values[key] = tuple(values[key])
+        if isinstance(values.get("hardened"), (str, os.PathLike)):
+            values["hardened"] = (values["hardened"],)
         if preset is not None and preset not in PRESETS:
             raise UsageError(f"unknown preset {preset!r}", fix=f"use one of: {', '.join(PRESETS)}")
         return cls(target=target, **values)
@@ -128,7 +142,10 @@ class AuditSpec:
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["target"] = self.target if isinstance(self.target, str) else getattr(self.target, "name", "model")
-        d["cuts"] = list(self.cuts) if self.cuts is not None else None
+        for key in ("cuts", "attacks"):
+            d[key] = list(d[key]) if d[key] is not None else None
+        d["aux_budgets"] = list(self.aux_budgets)
+        d["hardened"] = [os.fspath(h) for h in self.hardened]
         # after _resolve, data is the loaded images and preprocess the manifest's: say what they are
         split = getattr(self.data, "split", None)
         d["data"] = split.source if split is not None else (None if self.data is None else os.fspath(self.data))
@@ -152,6 +169,10 @@ class CutAudit:
     attacks: dict                       # {"whitebox": {...}, "decoder": {...}}
     bundle_id: str
     leakage_db: float = float("nan")    # PSNR of the strongest attack on what is sent
+    beyond_label: dict = field(default_factory=dict)   # the strongest attack against the label-only baseline
+    layer: str = ""                     # the cut layer (name adds the defence for a hardened row)
+    variant: str = "unhardened"         # "unhardened" or the defence, e.g. "dropout 0.5"
+    defence: dict | None = None         # the manifest's declaration of a hardened row
     budget_failures: list = field(default_factory=list)
     seconds: dict = field(default_factory=dict)   # wall time of each step
 
@@ -180,9 +201,11 @@ class AuditResult:
     images: dict = field(default_factory=dict, repr=False)    # originals + reconstructions for the grid
     paths: dict = field(default_factory=dict)
     data: dict | None = None          # the user's images: source, split, classes, preprocessing
+    hardened: list = field(default_factory=list)   # CutAudit rows of hardened cuts (defence declared)
+    sweeps: list = field(default_factory=list)     # `edgesplit harden --sweep` results (sweep.json) read
 
     def cut(self, name: str) -> CutAudit:
-        for c in self.cuts:
+        for c in list(self.cuts) + list(self.hardened):
             if c.name == name:
                 return c
         raise KeyError(name)
@@ -196,6 +219,9 @@ class AuditResult:
             "ceilings": self.ceilings,
             "input": self.input_row,
             "cuts": [c.to_dict() for c in self.cuts],
+            "hardened": [c.to_dict() for c in self.hardened],
+            "sweeps": self.sweeps,
+            "threat_models": _threat_models(),
             "recommendation": self.recommendation,
             "paper_comparison": self.paper,
             "sigma_sensitivity": self.sigma,
@@ -211,20 +237,23 @@ class AuditResult:
                  f"sigma^2 = {self.spec.sigma2:g}, {self.seconds:.0f} s",
                  "columns: bytes = int8 bytes sent; acc = head+tail accuracy; f/q = float/int8 features; "
                  "useY = usable label bits; useX = input bits from the decoder; wb/dec = white-box/decoder "
-                 "attack; rd = share of reconstructions an independent reader classifies correctly",
+                 "attack; rd = share of reconstructions an independent reader classifies correctly; arch/qf = "
+                 "architecture-only (UnSplit) / query-free (shadow head) attack; label = label-only baseline; "
+                 "+label = strongest attack minus the label-only baseline (what leaks beyond the label)",
                  f"ceilings: I(X;B) <= log2 N = {c['log2_n']:.4f} bits, I(Y;B) <= H(Y) = {c['h_y']:.4f} bits"
                  "  (* = saturated: within 0.01 bit of its ceiling)",
                  ""]
         head = (f"{'cut':<10} {'bytes':>7} {'head ms':>8} {'acc':>6} {'I(X;B)f':>8} {'I(Y;B)f':>8} "
                 f"{'I(X;B)q':>8} {'I(Y;B)q':>8} {'useY':>6} {'useX':>6} {'dCor':>5} {'wb dB':>6} {'wb rd':>5} "
-                f"{'dec dB':>6} {'dec SSIM':>8} {'dec rd':>6}")
+                f"{'dec dB':>6} {'dec SSIM':>8} {'dec rd':>6} {'arch dB':>7} {'qf dB':>6} {'label':>6} {'+label':>6}")
         lines.append(head)
         lines.append("-" * len(head))
-        for r in [self.input_row] + list(self.cuts):
+        for r in [self.input_row] + list(self.cuts) + list(self.hardened):
             lines.append(_summary_row(r))
         rec = self.recommendation
         lines.append("")
-        lines.append(f"recommended cut: {rec['cut'] or 'none'}")
+        hardened = f" hardened with {rec['variant']}" if rec.get("variant") not in (None, "unhardened") else ""
+        lines.append(f"recommended cut: {rec['cut'] or 'none'}{hardened}")
         lines.append(f"  {rec['reason']}")
         if self.paper:
             lines.append("")
@@ -247,6 +276,12 @@ class AuditResult:
         return "\n".join(lines)
 
 
+def _threat_models() -> dict:
+    from auditor.attacks import threat_models
+
+    return threat_models()
+
+
 def _fmt(v, spec=".2f", star=False):
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
@@ -263,10 +298,14 @@ def _summary_row(r) -> str:
         wb = r.attacks.get("whitebox", {}).get("metrics", {})
         dec = r.attacks.get("decoder", {}).get("metrics", {})
         nbytes, head_ms = cost.get("bytes_int8"), cost.get("head_ms")
+        arch = (r.attacks.get("architecture") or {}).get("metrics") or {}
+        qf = (r.attacks.get("queryfree") or {}).get("metrics") or {}
+        bl = r.beyond_label or {}
     else:  # the raw input row
         name, acc, nbytes, head_ms = "input", r.get("accuracy"), r.get("bytes"), None
         kf, kq = r["kde"], {}
         uy, ux, dc, wb, dec = r["usable"].get("label_bits"), None, 1.0, {}, {}
+        arch, qf, bl = {}, {}, {}
     sat = kf.get("saturated", {})
     satq = kq.get("saturated", {})
     return (f"{name:<10} {_fmt(nbytes, 'd'):>7} {_fmt(head_ms, '.3f'):>8} {_fmt(acc, '.4f'):>6} "
@@ -277,7 +316,9 @@ def _summary_row(r) -> str:
             f"{_fmt(uy, '.2f'):>6} {_fmt(ux, '.0f'):>6} {_fmt(dc, '.2f'):>5} "
             f"{_fmt(wb.get('psnr_db'), '.1f'):>6} {_fmt(wb.get('judge_accuracy'), '.2f'):>5} "
             f"{_fmt(dec.get('psnr_db'), '.1f'):>6} {_fmt(dec.get('ssim'), '.3f'):>8} "
-            f"{_fmt(dec.get('judge_accuracy'), '.2f'):>6}")
+            f"{_fmt(dec.get('judge_accuracy'), '.2f'):>6} {_fmt(arch.get('psnr_db'), '.1f'):>7} "
+            f"{_fmt(qf.get('psnr_db'), '.1f'):>6} {_fmt(bl.get('label_psnr_db'), '.1f'):>6} "
+            f"{_fmt(bl.get('gap_db'), '+.1f'):>6}")
 
 
 # ------------------------------------------------------------------------- run
@@ -371,10 +412,12 @@ def _audit_all(spec, t_start, model, model_name, bundle, data, dataset_name, cho
         rows.append(_audit_cut(spec, model, model_name, cut, depth, bundle, workdir, x_test, y_test,
                                x_dec, y_dec, attack_n, float_accuracy, images, judge))
     bar.close()
+    hardened, sweeps = _audit_hardened(spec, model, model_name, rows, first, last, workdir, x_test, y_test, x_dec,
+                                       y_dec, attack_n, images, judge)
 
     ceilings = {"n": n, "log2_n": math.log2(n), "h_y": mi.label_entropy_bits(y_test),
                 "saturation_bits": mi.SATURATION_BITS}
-    recommendation = recommend(rows, spec.budgets())
+    recommendation = recommend(rows + hardened, spec.budgets())
     paper = paper_comparison(rows, ceilings) if is_paper_model(model_name) else None
     from auditor import sigma
 
@@ -382,12 +425,42 @@ def _audit_all(spec, t_start, model, model_name, bundle, data, dataset_name, cho
     result = AuditResult(spec=spec, model_name=model_name, dataset=dataset_name, cuts=rows, input_row=input_row,
                          recommendation=recommendation, paper=paper, ceilings=ceilings, versions=_versions(),
                          seconds=time.perf_counter() - t_start, judge=judge_info, images=images, sigma=sigma_info,
-                         data=_data_info(data))
+                         data=_data_info(data), hardened=hardened, sweeps=sweeps)
     if spec.out:
         from auditor.report import write_report
 
         result.paths = write_report(result, spec.out)
     return result
+
+
+def _audit_hardened(spec, model, model_name, rows, first, last, workdir, x_test, y_test, x_dec, y_dec, attack_n,
+                    images, judge) -> tuple[list, list]:
+    """Audit every hardened cut of ``spec.hardened`` with the same (adaptive) attacks, beside its cut."""
+    from auditor import metrics
+    from auditor.attacks import suite
+    from converter import cuts as cuts_mod
+
+    out, sweeps = [], []
+    for path in spec.hardened:
+        variants, sweep = suite.load_hardened(path)
+        if sweep is not None:
+            sweeps.append(sweep)
+        for v in variants:
+            hmodel = v.load_model()
+            try:
+                cut = cuts_mod.find_cut(hmodel, v.layer)
+            except UsageError:  # the defence layer may hide the cut from the analysis: the base model's
+                cut = cuts_mod.find_cut(model, v.layer)
+            base_cut = cuts_mod.find_cut(model, v.layer)
+            depth = (base_cut.index - first) / max(last - first, 1)
+            facc = float((metrics.predict_labels(hmodel, x_test) == y_test).mean())
+            row = _audit_cut(spec, hmodel, model_name, cut, depth, v.bundle, workdir, x_test, y_test, x_dec, y_dec,
+                             attack_n, facc, images, judge, row_name=f"{v.layer} + {v.label}")
+            row.variant = v.label
+            if v.point is not None and (v.sweep or {}).get("baseline"):
+                row.accuracy["unhardened_int8"] = v.sweep["baseline"].get("accuracy")
+            out.append(row)
+    return out, sweeps
 
 
 def _resolve(spec: AuditSpec):
@@ -563,8 +636,8 @@ def _usable(train_f, train_y, test_f, test_y, seed) -> dict:
 
 
 def _audit_cut(spec, model, model_name, cut, depth, bundle, workdir, x_test, y_test, x_dec, y_dec,
-               attack_n, float_accuracy, images, judge) -> CutAudit:
-    from auditor import features, invert, metrics, usable
+               attack_n, float_accuracy, images, judge, row_name=None) -> CutAudit:
+    from auditor import features, usable
     from runtime.split import Head, Tail
 
     clock = _Clock()
@@ -606,39 +679,32 @@ def _audit_cut(spec, model, model_name, cut, depth, bundle, workdir, x_test, y_t
     clock.lap("usable")
 
     log.info("cut %s: attacks", cut.name)
-    tv = spec.tv if spec.tv is not None else invert.tv_for_depth(depth)
-    khead = invert.head_of(model, cut.name)
-    wb = invert.whitebox_invert(khead, sent.values[:attack_n], iters=spec.iters, lr=spec.lr, tv=tv,
-                                start=spec.start, progress=spec.progress, desc=f"white-box {cut.name}")
-    wb_metrics = metrics.reconstruction_metrics(x_test[:attack_n], wb, model=model, labels=y_test[:attack_n],
-                                                judge=judge)
-    clock.lap("whitebox")
-    keras_seed = spec.seed + 1000 + cut.index
-    dec = invert.train_decoder(sent_train.values, x_dec, epochs=spec.decoder_epochs, seed=keras_seed,
-                               progress=spec.progress, desc=f"decoder {cut.name}")
-    rec = dec.decode(sent.values)
-    dec_metrics = metrics.reconstruction_metrics(x_test, rec, model=model, labels=y_test, judge=judge)
-    clock.lap("decoder")
-    # What the decoder's error says about the input (bits per image; see auditor.usable).
-    for key in ("int8",):
-        use[key]["input_bits"] = float(usable.input_information(x_test, rec))
-        use[key]["input_bits_note"] = usable.INPUT_BITS_NOTE
-    grid_k = len(images["original"])
-    images["whitebox"][cut.name] = wb[:grid_k]
-    images["decoder"][cut.name] = rec[:grid_k]
+    from auditor.attacks import AuxData, suite
 
-    attacks = {
-        "whitebox": {"n": attack_n, "iters": spec.iters, "lr": spec.lr, "tv": tv, "start": spec.start,
-                     "target": "int8 features as sent, dequantized", "metrics": wb_metrics},
-        "decoder": {"n": len(x_test), "train_n": dec.train_n, "epochs": dec.epochs, "lr": 1e-3, "batch_size": 32,
-                    "train_images": "training set (disjoint from the attacked test images)",
-                    "final_train_mse": dec.final_loss, "metrics": dec_metrics},
-    }
-    row = CutAudit(name=cut.name, index=int(cut.index), shape=tuple(int(d) for d in cut.shape), depth=depth,
-                   cost=cost, accuracy={"int8": acc_int8, "float": float_accuracy}, kde=kde, usable=use,
-                   dcor=dc, attacks=attacks, bundle_id=b.bundle_id, seconds=clock.laps)
-    log.info("cut %s done: %s", cut.name, ", ".join(f"{k} {v:.1f} s" for k, v in clock.laps.items()))
-    row.leakage_db = max(wb_metrics["psnr_db"], dec_metrics["psnr_db"])
+    deployed = suite.deployed_head(b, model, depth=depth, head_runtime=head, tail_runtime=tail)
+    attacks, rep = suite.attack_cut(spec, deployed, sent.values, x_test, y_test, AuxData(x_dec, y_dec), model=model,
+                                    judge=judge, attack_n=attack_n, seed=spec.seed + int(cut.index),
+                                    progress=spec.progress)
+    for o in rep.outcomes:
+        clock.laps[o.name] = o.seconds
+    clock.t = time.perf_counter()
+    # What the decoder's error says about the input (bits per image; see auditor.usable).
+    if "decoder" in attacks and not attacks["decoder"]["skipped"]:
+        use["int8"]["input_bits"] = float(usable.input_information(x_test, rep.get("decoder").raw))
+        use["int8"]["input_bits_note"] = usable.INPUT_BITS_NOTE
+    grid_k = len(images["original"])
+    for o in rep.outcomes:
+        if o.images is not None:
+            images.setdefault(o.name, {})[row_name or cut.name] = o.images[:grid_k]
+
+    row = CutAudit(name=row_name or cut.name, index=int(cut.index), shape=tuple(int(d) for d in cut.shape),
+                   depth=depth, cost=cost, accuracy={"int8": acc_int8, "float": float_accuracy}, kde=kde, usable=use,
+                   dcor=dc, attacks=attacks, bundle_id=b.bundle_id, seconds=clock.laps, layer=cut.name,
+                   variant=deployed.name, defence=deployed.defence)
+    log.info("cut %s done: %s", row.name, ", ".join(f"{k} {v:.1f} s" for k, v in clock.laps.items()))
+    top = rep.strongest()
+    row.leakage_db = top.metrics["psnr_db"] if top is not None else float("nan")
+    row.beyond_label = rep.beyond_label()
     return row
 
 
@@ -667,40 +733,83 @@ def budget_failures(row: CutAudit, budgets: dict) -> list[str]:
     return fails
 
 
-def recommend(rows: list, budgets: dict) -> dict:
-    """The cut with the least leakage that meets every budget, and why.
+def beyond_label_db(row: CutAudit) -> float:
+    """How far the strongest attack on ``row`` gets above the label-only baseline, in dB (PSNR if unknown)."""
+    gap = (row.beyond_label or {}).get("gap_db")
+    return float(gap) if gap is not None else row.leakage_db
 
-    Leakage is the PSNR of the strongest attack on what is sent (the higher, the more of
-    the image comes back); ties within PSNR_TIE_DB go to the lowest distance correlation.
-    The KDE figures are not used: on hidden layers they sit on their ceiling.
+
+def _unhardened_accuracy(row: CutAudit, rows: list) -> float | None:
+    for r in rows:
+        if r.defence is None and (r.layer or r.name) == (row.layer or row.name):
+            return r.accuracy["int8"]
+    return row.accuracy.get("unhardened_int8")
+
+
+def _attack_words(row: CutAudit) -> str:
+    parts = []
+    for name, a in row.attacks.items():
+        if a.get("baseline") or a.get("skipped") or not a.get("metrics"):
+            continue
+        parts.append(f"{a['threat_model']['name']} {a['metrics']['psnr_db']:.1f} dB")
+    return ", ".join(parts)
+
+
+def recommend(rows: list, budgets: dict) -> dict:
+    """The cut (or hardened cut) that leaks least beyond the label and meets every budget, and why.
+
+    Leakage beyond the label is the PSNR of the strongest of the graded attacks on what is sent
+    minus the PSNR of the label-only baseline on the same images (the cloud learns the predicted
+    class legitimately, and an image guessed from it alone is no leak of the cut).  Ties within
+    PSNR_TIE_DB go to the lowest distance correlation.  The KDE figures are not used: on hidden
+    layers they sit on their ceiling.
     """
     for r in rows:
         r.budget_failures = budget_failures(r, budgets)
     ok = [r for r in rows if not r.budget_failures]
-    base = {"budgets": budgets, "measure": "PSNR (dB) of the strongest reconstruction attack on the int8 "
-                                           "features sent; ties within %.1f dB broken by distance "
-                                           "correlation" % PSNR_TIE_DB}
+    base = {"budgets": budgets,
+            "measure": "leakage beyond the label: PSNR (dB) of the strongest of the graded attacks on the int8 "
+                       "features sent, minus the PSNR of the label-only baseline (what the predicted class alone "
+                       "gives) on the same images; ties within %.1f dB broken by distance correlation" % PSNR_TIE_DB}
     if not ok:
         why = "; ".join(f"{r.name}: {', '.join(r.budget_failures)}" for r in rows)
-        return dict(base, cut=None, reason=f"no cut meets the budgets ({why}). Relax a budget or "
-                                           "choose a smaller model.", ranking=[])
-    best_db = min(r.leakage_db for r in ok)
-    near = [r for r in ok if r.leakage_db <= best_db + PSNR_TIE_DB]
-    pick = min(near, key=lambda r: (r.dcor["int8"], r.leakage_db))
-    ranking = [r.name for r in sorted(ok, key=lambda r: (r.leakage_db, r.dcor["int8"]))]
-    wb = pick.attacks["whitebox"]["metrics"]
-    dec = pick.attacks["decoder"]["metrics"]
-    worst = max(rows, key=lambda r: r.leakage_db)
-    parts = [f"{pick.name} leaks least among the cuts that meet the budgets: the strongest attack "
-             f"reconstructs the input at only {pick.leakage_db:.1f} dB PSNR (white-box {wb['psnr_db']:.1f} dB, "
-             f"decoder {dec['psnr_db']:.1f} dB, SSIM {dec['ssim']:.2f}"
-             + (f"; {worst.name} gives {worst.leakage_db:.1f} dB" if worst is not pick else "")
-             + f"), distance correlation {pick.dcor['int8']:.2f}"]
-    if dec.get("judge_accuracy") is not None:
+        return dict(base, cut=None, name=None, variant=None, reason=f"no cut meets the budgets ({why}). Relax a budget or "
+                                                         "choose a smaller model.", ranking=[], leaks=[])
+    best_gap = min(beyond_label_db(r) for r in ok)
+    near = [r for r in ok if beyond_label_db(r) <= best_gap + PSNR_TIE_DB]
+    pick = min(near, key=lambda r: (r.dcor["int8"], beyond_label_db(r)))
+    ordered = sorted(ok, key=lambda r: (beyond_label_db(r), r.dcor["int8"]))
+    ranking = [r.name for r in ordered]
+    leaks = [{"name": r.name, "cut": r.layer or r.name, "variant": r.variant,
+              "beyond_label_db": beyond_label_db(r), "psnr_db": r.leakage_db,
+              "attack": (r.beyond_label or {}).get("attack"), "threat_model": (r.beyond_label or {}).get("threat_model"),
+              "label_psnr_db": (r.beyond_label or {}).get("label_psnr_db"), "accuracy": r.accuracy["int8"]}
+             for r in ordered]
+    bl = pick.beyond_label or {}
+    worst = max(rows, key=beyond_label_db)
+    top = pick.attacks.get(bl.get("attack") or "", {})
+    parts = [f"{pick.name} leaks least beyond the label among the cuts that meet the budgets: its strongest attack, "
+             f"{top.get('title', 'the strongest attack')} ({bl.get('threat_model', '?')}), reconstructs the input at "
+             f"{pick.leakage_db:.1f} dB PSNR (SSIM {_num(bl.get('ssim'), '.2f')}), {beyond_label_db(pick):+.1f} dB "
+             f"against the {_num(bl.get('label_psnr_db'), '.1f')} dB that the predicted label alone gives"
+             + (f"; {worst.name} leaks {beyond_label_db(worst):.1f} dB beyond the label" if worst is not pick else "")]
+    parts.append(f"per attack at {pick.name}: {_attack_words(pick)}; distance correlation {pick.dcor['int8']:.2f}")
+    dec, wb = pick.attacks.get("decoder", {}).get("metrics") or {}, pick.attacks.get("whitebox", {}).get("metrics") or {}
+    if dec.get("judge_accuracy") is not None and wb.get("judge_accuracy") is not None:
         parts.append(f"an independent reader classifies {100 * dec['judge_accuracy']:.0f} % of the decoded images "
                      f"and {100 * wb['judge_accuracy']:.0f} % of the white-box ones correctly")
     parts.append(f"it sends {pick.cost['bytes_int8']} bytes, the head takes {pick.cost['head_ms']:.3f} ms here, "
                  f"and head+tail accuracy is {100 * pick.accuracy['int8']:.2f} %")
+    if pick.defence is not None:
+        plain = _unhardened_accuracy(pick, rows)
+        if plain is not None:
+            parts.append(f"the defence ({pick.variant}) costs {100 * (plain - pick.accuracy['int8']):.2f} points of "
+                         f"int8 accuracy against the unhardened {pick.layer} ({100 * plain:.2f} %)")
+    hardened = [r for r in rows if r.defence is not None]
+    if hardened and pick.defence is None:
+        parts.append("no hardened variant leaks less beyond the label within the budgets ("
+                     + "; ".join(f"{r.name}: {beyond_label_db(r):.1f} dB at {100 * r.accuracy['int8']:.2f} %"
+                                 for r in hardened) + ")")
     excluded = [r for r in rows if r.budget_failures]
     if excluded:
         parts.append("excluded by the budgets: " + "; ".join(f"{r.name} ({', '.join(r.budget_failures)})"
@@ -709,7 +818,12 @@ def recommend(rows: list, budgets: dict) -> dict:
         parts.append("within %.1f dB of it: %s (distance correlation decided)"
                      % (PSNR_TIE_DB, ", ".join(r.name for r in near if r is not pick)))
     reason = ". ".join(p if i == 0 else p[0].upper() + p[1:] for i, p in enumerate(parts)) + "."
-    return dict(base, cut=pick.name, reason=reason, ranking=ranking)
+    return dict(base, cut=pick.layer or pick.name, name=pick.name, variant=pick.variant, reason=reason,
+                ranking=ranking, leaks=leaks)
+
+
+def _num(v, spec) -> str:
+    return "?" if v is None else format(v, spec)
 
 
 def _versions() -> dict:

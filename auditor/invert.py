@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import types
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,7 +84,8 @@ def _total_variation(x):
 
 def whitebox_invert(head, targets, *, iters: int = 300, lr: float = 1e-2, tv: float = 0.0,
                     start: str = "grey", batch_size: int = 128, progress: bool = False,
-                    desc: str = "white-box", low=0.0, high=1.0, mask_zeros: bool = False) -> np.ndarray:
+                    desc: str = "white-box", low=0.0, high=1.0, mask_zeros: bool = False,
+                    weight=None) -> np.ndarray:
     """Reconstruct inputs from features ``targets`` by gradient descent on the Keras ``head``.
 
     Per image the loss is ‖b(x) − t‖² / ‖t‖² + tv·TV(x): the feature error divided by the
@@ -95,7 +97,8 @@ def whitebox_invert(head, targets, *, iters: int = 300, lr: float = 1e-2, tv: fl
     ``low`` / ``high`` (scalars or per channel) bound the model's input (pixels 0 and 255 after
     preprocessing); "grey" starts half way, "zeros" at the black image.  ``mask_zeros`` compares
     only the entries of ``t`` that are not 0 (against a dropout at the cut, whose dropped entries
-    say nothing about the input).
+    say nothing about the input).  ``weight`` (broadcast to the feature shape, e.g. per channel)
+    weighs each entry's squared error: 1/sigma^2 against Gaussian noise of scale sigma at the cut.
     """
     import tensorflow as tf
 
@@ -109,6 +112,8 @@ def whitebox_invert(head, targets, *, iters: int = 300, lr: float = 1e-2, tv: fl
     high = np.broadcast_to(np.asarray(high, np.float32), in_shape[-1:]).astype(np.float32)
     fill = low if settings.start == "zeros" else (low + high) / 2
     lo_t, hi_t = tf.constant(low), tf.constant(high)
+    w = np.ones(out_shape, np.float32) if weight is None else np.broadcast_to(np.asarray(weight, np.float32), out_shape)
+    w_t = tf.constant(w / max(float(w.mean()), 1e-30))  # mean 1: the loss keeps its scale
     scale_tv = float(np.mean(high - low)) or 1.0  # TV of pixels in [0, 1], whatever the input scale
     b1, b2, eps = 0.9, 0.999, 1e-8
     feat_axes = list(range(1, 1 + len(out_shape)))
@@ -121,6 +126,7 @@ def whitebox_invert(head, targets, *, iters: int = 300, lr: float = 1e-2, tv: fl
     @tf.function(reduce_retracing=True)
     def run(target, steps):
         keep = tf.cast(tf.not_equal(target, 0.0), tf.float32) if mask_zeros else tf.ones_like(target)
+        keep = keep * w_t
         energy = tf.reduce_mean(target * target, axis=feat_axes) + 1e-12
         err = tf.zeros(tf.shape(target)[:1])
         for _ in tf.range(steps):
@@ -227,10 +233,13 @@ class TrainedDecoder:
 
 
 def train_decoder(features, images, *, epochs: int = 5, batch_size: int = 32, lr: float = 1e-3,
-                  seed: int = 0, progress: bool = False, desc: str = "decoder") -> TrainedDecoder:
+                  seed: int = 0, progress: bool = False, desc: str = "decoder",
+                  steps: int | None = None) -> TrainedDecoder:
     """Train a decoder (MSE, Adam) from ``features`` to ``images``: the attacker's own pairs.
 
-    The caller must pass images disjoint from the ones it will attack.
+    ``steps`` (when given) trains exactly that many updates over a shuffled, repeated stream
+    instead of ``epochs`` passes: one Keras epoch, so a small training set trained long costs
+    no per-epoch overhead.  The caller must pass images disjoint from the ones it will attack.
     """
     import keras
     from tqdm.auto import tqdm
@@ -244,15 +253,35 @@ def train_decoder(features, images, *, epochs: int = 5, batch_size: int = 32, lr
     decoder.get_layer("feature_norm").adapt(features)
     decoder.compile(optimizer=keras.optimizers.Adam(lr), loss="mse")
 
-    bar = tqdm(total=epochs, desc=desc, unit="epoch", disable=not progress, leave=False)
+    bar = tqdm(total=epochs if steps is None else steps, desc=desc, unit="epoch" if steps is None else "step",
+               disable=not progress, leave=False)
 
     class _Tick(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
-            bar.update(1)
-            bar.set_postfix(mse=f"{(logs or {}).get('loss', float('nan')):.4f}")
+            if steps is None:
+                bar.update(1)
+                bar.set_postfix(mse=f"{(logs or {}).get('loss', float('nan')):.4f}")
 
-    hist = decoder.fit(features, images, epochs=epochs, batch_size=batch_size, shuffle=True,
-                       verbose=0, callbacks=[_Tick()])
+        def on_train_batch_end(self, batch, logs=None):
+            if steps is not None and batch % 50 == 49:
+                bar.update(50)
+
+    if steps is None:
+        hist = decoder.fit(features, images, epochs=epochs, batch_size=batch_size, shuffle=True,
+                           verbose=0, callbacks=[_Tick()])
+        done_epochs = epochs
+    else:
+        import tensorflow as tf
+
+        stream = (tf.data.Dataset.from_tensor_slices((features, images))
+                  .shuffle(len(features), seed=seed, reshuffle_each_iteration=True).repeat()
+                  .batch(batch_size, drop_remainder=len(features) >= batch_size))
+        decoder.fit(stream, epochs=1, steps_per_epoch=int(steps), shuffle=False, verbose=0, callbacks=[_Tick()])
+        done_epochs = round(steps * batch_size / max(len(features), 1), 2)
+        # the one epoch's "loss" is a mean over all of training: measure the end instead
+        k = min(len(features), 1000)
+        hist = types.SimpleNamespace(history={"loss": [float(decoder.evaluate(features[:k], images[:k], verbose=0,
+                                                                              batch_size=256))]})
     bar.close()
-    return TrainedDecoder(model=decoder, epochs=epochs, train_n=len(features),
+    return TrainedDecoder(model=decoder, epochs=done_epochs, train_n=len(features),
                           final_loss=float(hist.history["loss"][-1]))

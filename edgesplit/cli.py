@@ -404,6 +404,17 @@ def add_audit(sub):
     p.add_argument("--no-sigma-sweep", dest="sigma_sweep", action="store_false", default=None,
                    help="skip the KDE bounds over a grid of sigma^2 (one full pairwise pass per cut: minutes at "
                         "N = 10,000)")
+    p.add_argument("--attacks", nargs="+", default=None, metavar="ATTACK",
+                   help="attacks to run, by what the attacker knows: whitebox (the head's weights), decoder (query "
+                        "access), architecture (the layers only, UnSplit), queryfree (the tail and own data); "
+                        "default all four (the label-only baselines always run)")
+    p.add_argument("--aux-budgets", nargs="+", type=int, default=None, metavar="N",
+                   help="the query decoder's auxiliary images, a sweep (default 100 1000 10000, capped at what the "
+                        "attacker has)")
+    p.add_argument("--decoder-n", type=int, default=None,
+                   help="the attacker's own images (training set; default 5000)")
+    p.add_argument("--hardened", nargs="+", default=None, metavar="DIR",
+                   help="`edgesplit harden --out` directories (or hardened bundles) to attack beside their cut")
     p.add_argument("--out", required=True, help="directory for report.html, report.json, report.md")
     p.add_argument("--model", default=None, metavar="FILE", dest="model_file",
                    help="auditing a bundle: the .keras file it was made from (default: the file its manifest "
@@ -423,7 +434,8 @@ def run_audit(args) -> int:
                    decoder_epochs=args.decoder_epochs, sigma2=args.sigma2,
                    sigma_sweep=args.sigma_sweep, data=args.data, test_split=args.test_split,
                    data_seed=args.data_seed, preprocess=args.preprocess, model_file=args.model_file,
-                   calibration=args.calibration)
+                   calibration=args.calibration, attacks=args.attacks, aux_budgets=args.aux_budgets,
+                   decoder_n=args.decoder_n, hardened=args.hardened)
     print(result.summary())
     return 0
 

@@ -16,11 +16,10 @@ QUERY = ThreatModel(
     reference="He, Zhang & Lee 2019 (inverse network)")
 
 
-def epochs_for(n: int, epochs: int, batch_size: int, min_steps: int, max_epochs: int = 200) -> int:
-    """Epochs for ``n`` training pairs: at least ``epochs``, and at least ``min_steps`` updates in all,
+def steps_for(n: int, epochs: int, batch_size: int, min_steps: int) -> int:
+    """Updates for ``n`` training pairs: ``epochs`` passes, and at least ``min_steps`` updates in all,
     so that a small auxiliary budget is not also an undertrained decoder."""
-    steps_per_epoch = max(1, math.ceil(n / batch_size))
-    return int(min(max_epochs, max(epochs, math.ceil(min_steps / steps_per_epoch))))
+    return int(max(min_steps, epochs * max(1, math.ceil(n / batch_size))))
 
 
 @register
@@ -54,12 +53,12 @@ class QueryDecoder(Attack):
             own = aux.take(b)
             feats = head.send(own.x)  # the attacker's queries: fresh noise on every call when hardened
             pixels_in = np.clip(own.x, *head.input_range)
-            epochs = epochs_for(b, s.epochs if b == budgets[-1] else 1, s.batch_size, s.min_steps)
-            dec = invert.train_decoder(feats, _to_unit(head, pixels_in), epochs=epochs, batch_size=s.batch_size,
-                                       lr=s.lr, seed=seed, progress=progress, desc=f"decoder {head.cut} n={b}")
+            steps = steps_for(b, s.epochs, s.batch_size, s.min_steps)
+            dec = invert.train_decoder(feats, _to_unit(head, pixels_in), batch_size=s.batch_size, lr=s.lr,
+                                       seed=seed, progress=progress, desc=f"decoder {head.cut} n={b}", steps=steps)
             rec = _from_unit(head, dec.decode(sent))
             sweep[str(b)] = rec
-            info[str(b)] = {"epochs": epochs, "final_train_mse": dec.final_loss}
+            info[str(b)] = {"steps": steps, "epochs": dec.epochs, "final_train_mse": dec.final_loss}
         return Reconstruction(rec, settings={"budgets": budgets, "train_n": budgets[-1], "per_budget": info,
                                              "train_images": "the attacker's own (disjoint from the victims)"},
                               sweep=sweep if len(sweep) > 1 else {})

@@ -63,10 +63,10 @@ class QueryFree(Attack):
         return Reconstruction(rec, settings=dict(info, tv=tv))
 
 
-def _outputs_probabilities(tail, shape) -> bool:
-    probe = np.asarray(tail(np.abs(np.random.default_rng(0).standard_normal((4,) + tuple(shape))).astype(np.float32),
-                            training=False))
-    return bool(probe.min() >= 0 and np.allclose(probe.sum(axis=-1), 1.0, atol=1e-3))
+def _outputs_probabilities(outputs) -> bool:
+    """Whether the model ends in probabilities (softmax) rather than logits, from outputs of it."""
+    out = np.asarray(outputs)
+    return bool(out.min() >= 0 and np.allclose(out.sum(axis=-1), 1.0, atol=1e-3))
 
 
 def train_shadow(head: DeployedHead, aux: AuxData, *, epochs: int, batch_size: int, lr: float, seed: int):
@@ -79,7 +79,8 @@ def train_shadow(head: DeployedHead, aux: AuxData, *, epochs: int, batch_size: i
     was = tail.trainable
     tail.trainable = False
     try:
-        probs = _outputs_probabilities(tail, head.feature_shape)
+        # the untrained shadow through the tail: a softmax anywhere after the cut still sums to 1
+        probs = _outputs_probabilities(tail(shadow(aux.x[:16], training=False), training=False))
         inp = keras.Input(head.input_shape)
         joined = keras.Model(inp, tail(shadow(inp)), name="shadow_and_tail")
         joined.compile(optimizer=keras.optimizers.Adam(lr),

@@ -10,14 +10,38 @@ from auditor.attacks.base import Attack, AuxData, DeployedHead, Reconstruction, 
 
 WHITEBOX = ThreatModel(
     name="white-box", weights=True, architecture=True,
-    knows="the head's weights (and any defence ops in it): solves x* = argmin ||b(x) - t||^2 + TV(x) "
+    knows="the head's weights (and any defence in it): solves x* = argmin ||b(x) - t||^2 + TV(x) "
           "by gradient descent through the head",
     reference="Tuor et al. 2018 eq. 1; Mahendran & Vedaldi 2015; settings of He, Zhang & Lee 2019")
 
 
+def defence_model(head: DeployedHead) -> tuple[object, np.ndarray, dict]:
+    """(network, target transform, invert options) of an attacker who knows the declared defence.
+
+    Against a dropout at the cut it matches only the entries the mask kept, through the head
+    without the mask (un-doing inverted dropout's 1/(1 - rate)); against noise it weighs each
+    channel by 1/scale^2 through the clean head (the Gaussian likelihood).  Otherwise — no defence,
+    or one it has no model of — it descends through the head as deployed, defence ops active, so
+    that the noise is averaged over the steps (expectation over transformation).
+    """
+    d = head.defence or {}
+    op = d.get("op", d.get("method"))
+    clean = head.clean_head
+    if clean is None or op in (None, "none"):
+        return head.keras_head, (lambda t: t), {"defence_aware": None}
+    if op == "dropout":
+        rate = float(d.get("rate", d.get("strength", 0.0)) or 0.0)
+        factor = (1.0 - rate) if 0.0 < rate < 1.0 and d.get("scaled", True) else 1.0
+        return clean, (lambda t: t * factor), {"mask_zeros": True, "defence_aware": "dropout: kept entries only"}
+    if op == "noise" and d.get("scale") is not None:
+        scale = np.maximum(np.asarray(d["scale"], np.float32), 1e-6)
+        return clean, (lambda t: t), {"weight": 1.0 / scale ** 2, "defence_aware": "noise: 1/scale^2 per channel"}
+    return head.keras_head, (lambda t: t), {"defence_aware": "expectation over the defence's draws"}
+
+
 @register
 class WhiteBox(Attack):
-    """Eq. 1 with a TV prior: Adam from a neutral image through the Keras head, defence ops active."""
+    """Eq. 1 with a TV prior: Adam from a neutral image through the Keras head, adaptive to the defence."""
 
     name = "whitebox"
     title = "white-box inversion"
@@ -41,17 +65,9 @@ class WhiteBox(Attack):
         s = self.settings
         tv = s.tv if s.tv is not None else invert.tv_for_depth(head.depth)
         low, high = head.input_range
-        # Against a dropout at the cut the attacker who knows it matches only the entries it kept,
-        # through the head without the mask (whose fresh draws would only add noise to the gradient).
-        dropout = bool(head.defence) and head.defence.get("method") == "dropout" and head.clean_head is not None
-        net = head.clean_head if dropout else head.keras_head
-        target = np.asarray(sent, np.float32)
-        if dropout:
-            rate = float(head.defence.get("rate", head.defence.get("strength", 0.0)) or 0.0)
-            if 0.0 < rate < 1.0 and head.defence.get("scaled", True):
-                target = target * (1.0 - rate)  # inverted dropout scaled the kept entries by 1/(1 - rate)
-        rec = invert.whitebox_invert(net, target, iters=s.iters, lr=s.lr, tv=tv, start=s.start,
-                                     batch_size=s.batch_size, progress=progress, desc=f"white-box {head.cut}",
-                                     low=low, high=high, mask_zeros=dropout)
-        return Reconstruction(rec, settings={"tv": tv, "defence_aware": "dropout mask" if dropout else None},
-                              notes="defence ops active in the head" if head.defence else "")
+        net, transform, opts = defence_model(head)
+        aware = opts.pop("defence_aware")
+        rec = invert.whitebox_invert(net, transform(np.asarray(sent, np.float32)), iters=s.iters, lr=s.lr, tv=tv,
+                                     start=s.start, batch_size=s.batch_size, progress=progress,
+                                     desc=f"white-box {head.cut}", low=low, high=high, **opts)
+        return Reconstruction(rec, settings={"tv": tv, "defence_aware": aware})

@@ -98,14 +98,30 @@ def _paper_section(result) -> str:
     return f"<table>{head}{''.join(rows)}</table><p class='note'>{note}</p>"
 
 
+def _rows(result) -> list:
+    """Every cut, each hardened cut right after its own."""
+    from auditor.report.plots import grid_rows
+
+    return grid_rows(result)
+
+
+_NO_METRICS = {"psnr_db": None, "ssim": None, "accuracy": None, "judge_accuracy": None}
+
+
+def _metrics(row, attack: str) -> dict:
+    """An attack's metrics at ``row``, or blanks when it did not run."""
+    return ((row.attacks.get(attack) or {}).get("metrics")) or _NO_METRICS
+
+
 def _row_class(result, r) -> str:
-    rec = result.recommendation.get("cut")
+    rec = result.recommendation.get("name") or result.recommendation.get("cut")
     sat = r.kde["float"]["saturated"].get("ixt_upper")
     return " ".join(c for c in ("recommended" if r.name == rec else "", "saturated" if sat else "") if c)
 
 
 def _cut_name(result, r) -> str:
-    return _e(r.name) + (" ★" if r.name == result.recommendation.get("cut") else "")
+    rec = result.recommendation.get("name") or result.recommendation.get("cut")
+    return _e(r.name) + (" ★" if r.name == rec else "")
 
 
 def _information_table(result) -> str:
@@ -119,7 +135,7 @@ def _information_table(result) -> str:
     rows = [f"<tr><td class='l'>input (raw)</td><td class='l'>{'×'.join(map(str, inp['shape']))}</td>"
             f"{_kde_cells(inp['kde'])}<td>–</td><td>–</td><td>–</td>"
             f"<td>{_n(inp['usable'].get('label_bits'), '.3f')}</td><td>–</td><td>–</td><td>1.000</td><td>–</td></tr>"]
-    for r in result.cuts:
+    for r in _rows(result):
         uf, uq = r.usable.get("float") or {}, r.usable.get("int8") or {}
         rows.append(
             f"<tr class='{_row_class(result, r)}'><td class='l'>{_cut_name(result, r)}</td>"
@@ -143,8 +159,8 @@ def _attack_table(result) -> str:
             f"{_n(result.judge.get('accuracy_on_originals'), '.3f')} on the originals)</td>"
             f"<td>{inp['bytes']}</td><td>–</td><td>0</td><td>–</td><td>–</td><td>–</td>"
             f"<td>{_n(inp['accuracy'], '.4f')}</td><td class='l'>(Keras, float)</td></tr>"]
-    for r in result.cuts:
-        wb, dec = r.attacks["whitebox"]["metrics"], r.attacks["decoder"]["metrics"]
+    for r in _rows(result):
+        wb, dec = _metrics(r, "whitebox"), _metrics(r, "decoder")
         budget = "meets" if not r.budget_failures else "; ".join(r.budget_failures)
         rows.append(
             f"<tr class='{_row_class(result, r)}'><td class='l'>{_cut_name(result, r)}</td>"
@@ -166,8 +182,8 @@ def _main_table(result) -> str:
 
 def _table_note(result) -> str:
     first = result.cuts[0] if result.cuts else None
-    wb = first.attacks["whitebox"] if first else {}
-    dec = first.attacks["decoder"] if first else {}
+    wb = first.attacks.get("whitebox") or {} if first else {}
+    dec = first.attacks.get("decoder") or {} if first else {}
     note = usable_note(result)
     return _e(
         "Attacks work on the int8 tensor really sent (LiteRT head, wire frame, dequantized with the manifest). "
@@ -215,7 +231,8 @@ def _settings_table(result) -> str:
 def _recommendation_html(result) -> str:
     rec = result.recommendation
     if rec.get("cut"):
-        return (f"<div>Recommended cut: <b class='cut'>{_e(rec['cut'])}</b></div><p>{_e(rec['reason'])}</p>"
+        hardened = f" hardened with {_e(rec['variant'])}" if rec.get("variant") not in (None, "unhardened") else ""
+        return (f"<div>Recommended cut: <b class='cut'>{_e(rec['cut'])}</b>{hardened}</div><p>{_e(rec['reason'])}</p>"
                 f"<p class='note'>Measure: {_e(rec['measure'])}. Budgets: {_e(_budget_text(rec['budgets']))}.</p>")
     return f"<div><b class='cut'>No cut recommended</b></div><p>{_e(rec['reason'])}</p>"
 
@@ -238,6 +255,7 @@ def _data_line(result, html_: bool = False) -> str:
 
 def render_html(result, figs: dict) -> str:
     from auditor.report import sigma_bands
+    from auditor.report import leakage
 
     c = result.ceilings
     sub = (f"{_e(result.dataset)} · {len(result.cuts)} cut(s) · N = {c['n']} test images · σ² = "
@@ -254,10 +272,13 @@ def render_html(result, figs: dict) -> str:
         "main_table": _main_table(result),
         "table_note": _table_note(result),
         "settings_table": _settings_table(result),
+        "attacks_section": leakage.attacks_html(result),
+        "hardened_section": leakage.hardened_html(result, figs),
         "generated": time.strftime("%Y-%m-%d %H:%M"),
     }
     for key, (title, png) in figs.items():
-        fields[f"fig_{key}"] = _img(png, title)
+        if key != "privacy_accuracy":  # drawn inside the hardened section
+            fields[f"fig_{key}"] = _img(png, title)
     return Template(TEMPLATE.read_text()).substitute(fields)
 
 
@@ -271,7 +292,8 @@ def render_markdown(result) -> str:
              f"{result.dataset}, {len(result.cuts)} cut(s), N = {c['n']}, sigma^2 = {result.spec.sigma2:g}, "
              f"seed {result.spec.seed}" + (f", preset {result.spec.preset}" if result.spec.preset else "")
              + _data_line(result), "",
-             f"**Recommended cut: {result.recommendation.get('cut') or 'none'}** — {result.recommendation['reason']}",
+             f"**Recommended cut: {result.recommendation.get('name') or result.recommendation.get('cut') or 'none'}** — "
+             f"{result.recommendation['reason']}",
              "", f"Ceilings: I(X;B) <= log2 N = {c['log2_n']:.4f} bits, I(Y;B) <= H(Y) = {c['h_y']:.4f} bits; "
              "`*` marks a saturated figure (within 0.01 bit of its ceiling).", ""]
     if result.paper:
@@ -296,19 +318,23 @@ def render_markdown(result) -> str:
     lines.append(f"| input | {inp['bytes']} | – | – | {_n(inp['accuracy'], '.4f')} | {k(inp['kde'], 'ixt_upper')} "
                  f"| {k(inp['kde'], 'iyt_upper')} | – | – | {_n(inp['usable'].get('label_bits'), '.3f')} | – | 1.000 "
                  "| – | – | – |")
-    for r in result.cuts:
-        wb, dec = r.attacks["whitebox"]["metrics"], r.attacks["decoder"]["metrics"]
+    for r in _rows(result):
+        wb, dec = _metrics(r, "whitebox"), _metrics(r, "decoder")
         uq = r.usable.get("int8") or {}
         lines.append(
-            f"| {r.name}{' ★' if r.name == result.recommendation.get('cut') else ''} | {r.cost['bytes_int8']} "
+            f"| {r.name}{' ★' if r.name == (result.recommendation.get('name') or result.recommendation.get('cut')) else ''} "
+            f"| {r.cost['bytes_int8']} "
             f"| {r.cost['head_ms']:.3f} | {r.cost['tail_ms']:.3f} | {r.accuracy['int8']:.4f} "
             f"| {k(r.kde['float'], 'ixt_upper')} | {k(r.kde['float'], 'iyt_upper')} | {k(r.kde['int8'], 'ixt_upper')} "
             f"| {k(r.kde['int8'], 'iyt_upper')} | {_n(uq.get('label_bits'), '.3f')} | {_n(uq.get('input_bits'), '.0f')} "
-            f"| {r.dcor['int8']:.3f} | {wb['psnr_db']:.1f} / {wb['ssim']:.3f} / {_n(wb['accuracy'], '.2f')} / "
+            f"| {r.dcor['int8']:.3f} | {_n(wb['psnr_db'], '.1f')} / {_n(wb['ssim'], '.3f')} / {_n(wb['accuracy'], '.2f')} / "
             f"{_n(wb.get('judge_accuracy'), '.2f')} "
-            f"| {dec['psnr_db']:.1f} / {dec['ssim']:.3f} / {_n(dec['accuracy'], '.2f')} / "
+            f"| {_n(dec['psnr_db'], '.1f')} / {_n(dec['ssim'], '.3f')} / {_n(dec['accuracy'], '.2f')} / "
             f"{_n(dec.get('judge_accuracy'), '.2f')} "
             f"| {'meets' if not r.budget_failures else '; '.join(r.budget_failures)} |")
+    from auditor.report import leakage
+
+    lines += [""] + leakage.attacks_markdown(result)
     lines += ["", html.unescape(_table_note(result)), "",
               "Figures: figures/grid.png, figures/information_plane.png, figures/leakage_vs_cost.png, "
               "figures/measures.png; every number in report.json.", ""]

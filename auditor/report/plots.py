@@ -8,7 +8,11 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-ATTACK_NAMES = {"whitebox": "white-box", "decoder": "decoder"}
+#: Short names of the attacks in figures, in the report's order; label_mean is the label-only baseline.
+ATTACK_NAMES = {"whitebox": "white-box", "decoder": "query access", "architecture": "architecture only",
+                "queryfree": "query-free", "label_mean": "label only", "label_decoder": "label decoder"}
+#: Attacks shown in the grid (the label decoder looks like the class mean: one baseline is enough)
+GRID_ATTACKS = ("whitebox", "decoder", "architecture", "queryfree", "label_mean")
 
 
 def _pyplot():
@@ -27,31 +31,70 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def reconstruction_grid(result) -> bytes:
-    """Fig. 3-like grid: the originals on top, then one row per (attack, cut)."""
+def grid_rows(result) -> list:
+    """The rows of the grid: every cut, each hardened cut right after its unhardened one (before/after)."""
+    rows, hardened = [], list(getattr(result, "hardened", []) or [])
+    for r in result.cuts:
+        rows.append(r)
+        rows += [h for h in hardened if (h.layer or h.name) == r.name]
+    rows += [h for h in hardened if h not in rows]
+    return rows
+
+
+def _show(ax, image):
+    image = np.clip(np.asarray(image, np.float32), 0, 1)
+    if image.shape[-1] == 1:
+        ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(image, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for s in ax.spines.values():
+        s.set_color("#bbbbbb")
+
+
+def reconstruction_grid(result, k_max: int = 4) -> bytes:
+    """Fig. 3-like: a column group per attack (originals on top), a row per cut and hardened cut, each
+    group's first image captioned with its PSNR / SSIM."""
     plt = _pyplot()
     imgs = result.images
     original = np.asarray(imgs["original"])
-    k = len(original)
-    rows = [("original", None, original)]
-    for attack in ("whitebox", "decoder"):
-        for cut in result.cuts:
-            rec = imgs.get(attack, {}).get(cut.name)
-            if rec is not None:
-                m = cut.attacks[attack]["metrics"]
-                rows.append((f"{ATTACK_NAMES[attack]} · {cut.name}", m, np.asarray(rec)))
-    fig, axes = plt.subplots(len(rows), k, figsize=(1.0 * k + 2.6, 1.0 * len(rows) + 0.3), squeeze=False)
-    for r, (label, m, images) in enumerate(rows):
+    k = max(1, min(len(original), k_max))
+    rows = grid_rows(result)
+    groups = [a for a in GRID_ATTACKS if any(r.name in (imgs.get(a) or {}) for r in rows)]
+    ncols = len(groups) * k + max(len(groups) - 1, 0)
+    ratios = []
+    for g in range(len(groups)):
+        ratios += [1.0] * k + ([0.25] if g < len(groups) - 1 else [])
+    fig, axes = plt.subplots(1 + len(rows), max(ncols, 1), squeeze=False,
+                             figsize=(0.62 * ncols + 1.6, 0.78 * (1 + len(rows)) + 0.5),
+                             gridspec_kw={"width_ratios": ratios or [1.0]})
+    for ax in axes.ravel():
+        ax.axis("off")
+    for g, attack in enumerate(groups):
+        c0 = g * (k + 1)
+        axes[0][c0].set_title(ATTACK_NAMES.get(attack, attack), fontsize=8, loc="left")
         for c in range(k):
-            ax = axes[r][c]
-            ax.imshow(np.clip(images[c].squeeze(), 0, 1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for s in ax.spines.values():
-                s.set_color("#bbbbbb")
-        text = label if m is None else f"{label}\n{m['psnr_db']:.1f} dB, SSIM {m['ssim']:.2f}"
-        axes[r][0].set_ylabel(text, rotation=0, ha="right", va="center", fontsize=8, labelpad=6)
-    fig.subplots_adjust(wspace=0.05, hspace=0.08)
+            axes[0][c0 + c].axis("on")
+            _show(axes[0][c0 + c], original[c])
+        for ri, r in enumerate(rows, start=1):
+            rec = (imgs.get(attack) or {}).get(r.name)
+            if rec is None:
+                continue
+            for c in range(min(k, len(rec))):
+                axes[ri][c0 + c].axis("on")
+                _show(axes[ri][c0 + c], rec[c])
+            m = (r.attacks.get(attack) or {}).get("metrics") or {}
+            if m:
+                axes[ri][c0].set_title(f"{m['psnr_db']:.1f} dB, SSIM {m['ssim']:.2f}", fontsize=6, loc="left",
+                                       pad=2)
+    axes[0][0].set_ylabel("original", rotation=0, ha="right", va="center", fontsize=8, labelpad=6)
+    for ri, r in enumerate(rows, start=1):
+        axes[ri][0].axis("on")
+        axes[ri][0].set_xticks([])
+        axes[ri][0].set_yticks([])
+        axes[ri][0].set_ylabel(r.name, rotation=0, ha="right", va="center", fontsize=8, labelpad=6)
+    fig.subplots_adjust(wspace=0.05, hspace=0.35)
     return _png(fig)
 
 
@@ -155,13 +198,13 @@ def measures_by_cut(result) -> bytes:
     names = [r.name for r in result.cuts]
     x = np.arange(len(names))
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.3))
-    wb = [r.attacks["whitebox"]["metrics"]["psnr_db"] for r in result.cuts]
-    dec = [r.attacks["decoder"]["metrics"]["psnr_db"] for r in result.cuts]
-    axes[0].plot(x, wb, "o-", label="white-box")
-    axes[0].plot(x, dec, "s-", label="decoder")
+    for attack, marker in zip(GRID_ATTACKS, "osD^x"):
+        ys = [((r.attacks.get(attack) or {}).get("metrics") or {}).get("psnr_db", np.nan) for r in result.cuts]
+        if not all(np.isnan(ys)):
+            axes[0].plot(x, ys, marker + ("--" if attack == "label_mean" else "-"), label=ATTACK_NAMES[attack])
     axes[0].set_ylabel("PSNR, dB")
-    axes[0].set_title("reconstruction", fontsize=9)
-    axes[0].legend(fontsize=7)
+    axes[0].set_title("reconstruction, by threat model", fontsize=9)
+    axes[0].legend(fontsize=6)
     uy = [(r.usable.get("int8") or {}).get("label_bits") for r in result.cuts]
     axes[1].plot(x, [np.nan if v is None else v for v in uy], "o-", color="#228833", label="usable I(Y;B), probe")
     axes[1].plot(x, [r.kde["int8"]["iyt_upper"] for r in result.cuts], "x--", color="#999999",
@@ -182,14 +225,69 @@ def measures_by_cut(result) -> bytes:
     return _png(fig)
 
 
+def pareto_front(points: list, x_key: str = "psnr_db", y_key: str = "accuracy") -> list:
+    """Indices of the points no other point beats on both (lower ``x_key``, higher ``y_key``), by ``x_key``."""
+    ok = [i for i, p in enumerate(points) if p.get(x_key) is not None and p.get(y_key) is not None]
+    front = [i for i in ok if not any(points[j][x_key] <= points[i][x_key] and points[j][y_key] >= points[i][y_key]
+                                      and (points[j][x_key], points[j][y_key]) != (points[i][x_key], points[i][y_key])
+                                      for j in ok)]
+    return sorted(front, key=lambda i: points[i][x_key])
+
+
+def privacy_accuracy(result) -> bytes:
+    """Per swept cut: int8 accuracy against the strongest attack's PSNR and against the leakage beyond
+    the label, one series per defence, the Pareto front, the unhardened model and the chosen point."""
+    plt = _pyplot()
+    sweeps = list(result.sweeps)
+    fig, axes = plt.subplots(len(sweeps), 2, figsize=(10.5, 3.9 * len(sweeps)), squeeze=False)
+    colours = ["#4477aa", "#ee6677", "#228833", "#ccbb44", "#aa3377", "#66ccee"]
+    for row, sw in zip(axes, sweeps):
+        points = sw.get("points") or []
+        methods = list(dict.fromkeys(p.get("method") for p in points))
+        base = sw.get("baseline") or {}
+        budgets = sw.get("budgets") or {}
+        for ax, key, label in ((row[0], "psnr_db", "strongest attack PSNR, dB"),
+                               (row[1], "beyond_label_db", "leakage beyond the label, dB")):
+            for mi_, method in enumerate(methods):
+                mine = sorted((p for p in points if p.get("method") == method and p.get(key) is not None),
+                              key=lambda p: p.get("strength") or 0)
+                ax.plot([p[key] for p in mine], [100 * p["accuracy"] for p in mine], "o-", ms=5, lw=1,
+                        color=colours[mi_ % len(colours)], label=str(method))
+            front = pareto_front(points, key)
+            if front:
+                ax.step([points[i][key] for i in front], [100 * points[i]["accuracy"] for i in front], where="post",
+                        color="#333333", lw=1.2, ls="--", label="Pareto front")
+            if base.get(key) is not None and base.get("accuracy") is not None:
+                ax.scatter([base[key]], [100 * base["accuracy"]], marker="*", s=150, color="black", zorder=5,
+                           label="unhardened")
+            chosen = sw.get("chosen")
+            if chosen is not None and points[chosen].get(key) is not None:
+                ax.scatter([points[chosen][key]], [100 * points[chosen]["accuracy"]], s=240, facecolors="none",
+                           edgecolors="#228833", lw=2, zorder=6, label="chosen")
+            if budgets.get("min_accuracy") is not None:
+                ax.axhline(100 * budgets["min_accuracy"], color="#aa3377", ls=":", lw=1, label="--min-accuracy")
+            if key == "psnr_db" and budgets.get("max_psnr") is not None:
+                ax.axvline(budgets["max_psnr"], color="#aa3377", ls="-.", lw=1, label="--max-psnr")
+            ax.set_xlabel(label + " (lower = safer)")
+            ax.set_ylabel("int8 split test accuracy, %")
+            ax.set_title(f"{sw.get('model', '')} at {sw.get('cut', '?')}", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6, loc="lower right")
+    fig.suptitle("Privacy against accuracy (each defence over its strengths)", fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
 FIGURES = {
-    "grid": ("Reconstructions from every cut (Fig. 3-like)", reconstruction_grid),
+    "grid": ("Reconstructions by every attack at every cut (Fig. 3-like); hardened cuts under their cut", reconstruction_grid),
     "information_plane": ("Information plane", information_plane),
     "leakage_vs_cost": ("Leakage against bytes sent and head latency", leakage_vs_cost),
     "measures": ("Measures that rank cuts", measures_by_cut),
+    "privacy_accuracy": ("Privacy against accuracy, Pareto front (edgesplit harden --sweep)", privacy_accuracy),
 }
 
 
 def draw_all(result) -> dict:
-    """{key: (title, png bytes)} for every figure."""
-    return {key: (title, fn(result)) for key, (title, fn) in FIGURES.items()}
+    """{key: (title, png bytes)} for every figure (the privacy-accuracy curve only when there are sweeps)."""
+    return {key: (title, fn(result)) for key, (title, fn) in FIGURES.items()
+            if key != "privacy_accuracy" or getattr(result, "sweeps", None)}

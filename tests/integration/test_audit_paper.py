@@ -3,9 +3,10 @@
 Slow: trains paper-cnn if it is not cached, converts a bundle per layer and attacks it, and sweeps
 the KDE bounds of every layer over sigma^2.  Attack budgets are kept small (few iterations).
 """
-import pytest
-
 import os
+from pathlib import Path
+
+import pytest
 
 # The paper-scale audit (N = 10,000 on every layer, attacks, decoders and the sigma^2 sweeps, whose
 # full pairwise pass costs N^2 d / 2 multiply-adds per layer: 1.3e12 for conv1) takes tens of minutes
@@ -80,3 +81,21 @@ def test_each_hidden_layer_leaves_its_ceiling_above_the_papers_sigma2(paper_audi
     statement = sens["paper_ranking"]["statement"]
     assert "conv1 > pool1 > conv2 > pool2 > dense1 > dense2" in statement
     assert "At the paper's sigma^2 = 0.1 the order breaks" in statement
+
+
+def test_the_four_attacks_run_at_every_audited_cut_and_are_named_by_threat_model(paper_audit):
+    from auditor.attacks import ATTACKS
+
+    names = {"whitebox": "white-box", "decoder": "query access", "architecture": "architecture only",
+             "queryfree": "query-free"}
+    for r in paper_audit.cuts:
+        for a in ATTACKS:
+            entry = r.attacks[a]
+            assert entry["skipped"] is None and entry["threat_model"]["name"] == names[a], (r.name, a, entry)
+            assert entry["beyond_label"]["baseline"] in ("label_mean", "label_decoder")
+    # conv1 gives far more than the label; at dense2 (the class probabilities) an attack gets about the label
+    assert paper_audit.cut("conv1").beyond_label["gap_db"] > 8.0
+    assert abs(paper_audit.cut("dense2").beyond_label["gap_db"]) < 3.0
+    md = (Path(paper_audit.paths["md"])).read_text()
+    for tm in names.values():
+        assert tm in md
