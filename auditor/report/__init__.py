@@ -273,7 +273,7 @@ def render_html(result, figs: dict) -> str:
         "table_note": _table_note(result),
         "settings_table": _settings_table(result),
         "attacks_section": leakage.attacks_html(result),
-        "hardened_section": leakage.hardened_html(result, figs),
+        "hardened_section": leakage.hardened_html(result, figs, _img),
         "generated": time.strftime("%Y-%m-%d %H:%M"),
     }
     for key, (title, png) in figs.items():

@@ -182,17 +182,16 @@ def sweep_table(sweep: dict) -> str:
             + "".join(body) + "</table>" + (f"<p>{_e(reason)}</p>" if reason else ""))
 
 
-def hardened_html(result, figs: dict) -> str:
+def hardened_html(result, figs: dict, img) -> str:
+    """The hardened cuts beside their own, and each sweep; ``img(png, caption)`` embeds a figure."""
     if not result.hardened and not result.sweeps:
         return ("<p class='note'>No hardened cut was audited. <code>edgesplit harden MODEL --cut C --sweep --out DIR"
                 "</code> fine-tunes defences at a cut; <code>edgesplit audit MODEL --hardened DIR</code> then attacks "
                 "them here, beside the unhardened cut.</p>")
     parts = [before_after_table(result)]
     if "privacy_accuracy" in figs:
-        from auditor.report import _img
-
         title, png = figs["privacy_accuracy"]
-        parts.append(_img(png, title))
+        parts.append(img(png, title))
     parts += [sweep_table(s) for s in result.sweeps]
     return "".join(parts)
 
