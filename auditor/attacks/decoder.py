@@ -16,10 +16,10 @@ QUERY = ThreatModel(
     reference="He, Zhang & Lee 2019 (inverse network)")
 
 
-def steps_for(n: int, epochs: int, batch_size: int, min_steps: int) -> int:
-    """Updates for ``n`` training pairs: ``epochs`` passes, and at least ``min_steps`` updates in all,
-    so that a small auxiliary budget is not also an undertrained decoder."""
-    return int(max(min_steps, epochs * max(1, math.ceil(n / batch_size))))
+def steps_for(n: int, epochs: int, batch_size: int, min_pairs: int) -> int:
+    """Updates for ``n`` training pairs: ``epochs`` passes over ``max(n, min_pairs)`` pairs, so that a
+    small auxiliary budget is not also an undertrained decoder (it sees its pairs more often)."""
+    return int(epochs * max(1, math.ceil(max(n, min_pairs) / batch_size)))
 
 
 @register
@@ -35,7 +35,7 @@ class QueryDecoder(Attack):
         max_n: int = 100_000
         budgets: tuple = (100, 1000, 10_000)  # auxiliary images; each capped at what the attacker has
         epochs: int = 5                        # at the largest budget
-        min_steps: int = 300                   # updates at least, whatever the budget
+        min_pairs: int = 2000                  # a smaller budget trains as long as this many pairs would
         batch_size: int = 32
         lr: float = 1e-3
 
@@ -49,11 +49,14 @@ class QueryDecoder(Attack):
         budgets = sorted({min(int(b), len(aux)) for b in s.budgets if int(b) >= 2} or {len(aux)})
         sweep, info = {}, {}
         rec = None
+        # The attacker's queries, once for the largest budget (each image its own fresh noise when
+        # hardened); a smaller budget is a prefix of the same pairs.
+        queried = head.send(aux.x[:budgets[-1]])
         for b in budgets:
             own = aux.take(b)
-            feats = head.send(own.x)  # the attacker's queries: fresh noise on every call when hardened
+            feats = queried[:b]
             pixels_in = np.clip(own.x, *head.input_range)
-            steps = steps_for(b, s.epochs, s.batch_size, s.min_steps)
+            steps = steps_for(b, s.epochs, s.batch_size, s.min_pairs)
             dec = invert.train_decoder(feats, _to_unit(head, pixels_in), batch_size=s.batch_size, lr=s.lr,
                                        seed=seed, progress=progress, desc=f"decoder {head.cut} n={b}", steps=steps)
             rec = _from_unit(head, dec.decode(sent))

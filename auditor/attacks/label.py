@@ -68,7 +68,7 @@ class LabelDecoder(_LabelBaseline):
     class Settings:
         max_n: int = 100_000
         epochs: int = 3
-        min_steps: int = 300
+        min_pairs: int = 2000
         batch_size: int = 32
         lr: float = 1e-3
 
@@ -79,7 +79,7 @@ class LabelDecoder(_LabelBaseline):
         pred = _predicted(head, sent)
         k = int(max(aux.y.max(), pred.max())) + 1
         onehot = np.eye(k, dtype=np.float32)
-        steps = steps_for(len(aux), s.epochs, s.batch_size, s.min_steps)
+        steps = steps_for(len(aux), s.epochs, s.batch_size, s.min_pairs)
         target = _to_unit(head, np.clip(aux.x, *head.input_range))
         keras.utils.set_random_seed(seed)
         shape = target.shape[1:]

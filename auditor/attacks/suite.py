@@ -33,7 +33,7 @@ def deployed_head(bundle, model, *, depth: float, head_runtime=None, tail_runtim
     if getattr(bundle.manifest, "defence", None) is not None:
         from auditor.defences import deployed_head as hardened  # the defence's own view of its head
 
-        return hardened(bundle, model, depth=depth)
+        return hardened(bundle, model, depth=depth, head_runtime=head_runtime, tail_runtime=tail_runtime)
     return heads.from_bundle(bundle, model, depth=depth, head_runtime=head_runtime, tail_runtime=tail_runtime)
 
 
