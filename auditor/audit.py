@@ -394,6 +394,7 @@ def _audit_all(spec, t_start, model, model_name, bundle, data, dataset_name, cho
 
     from auditor import metrics, mi
 
+    variants, sweeps = _load_hardened(spec, model)   # refused before anything runs if inconsistent
     judge = metrics.train_judge(data.x_train[:20_000], data.y_train[:20_000], seed=spec.seed)
     judge_info = {"architecture": f"MLP {int(np.prod(x_test.shape[1:]))}-256-{judge.output_shape[-1]} on pixels, "
                                   "Adam 1e-3, 3 epochs (independent of the audited model)",
@@ -412,8 +413,8 @@ def _audit_all(spec, t_start, model, model_name, bundle, data, dataset_name, cho
         rows.append(_audit_cut(spec, model, model_name, cut, depth, bundle, workdir, x_test, y_test,
                                x_dec, y_dec, attack_n, float_accuracy, images, judge))
     bar.close()
-    hardened, sweeps = _audit_hardened(spec, model, model_name, rows, first, last, workdir, x_test, y_test, x_dec,
-                                       y_dec, attack_n, images, judge)
+    hardened = _audit_hardened(spec, model, model_name, variants, first, last, workdir, x_test, y_test, x_dec,
+                               y_dec, attack_n, images, judge)
 
     ceilings = {"n": n, "log2_n": math.log2(n), "h_y": mi.label_entropy_bits(y_test),
                 "saturation_bits": mi.SATURATION_BITS}
@@ -433,34 +434,45 @@ def _audit_all(spec, t_start, model, model_name, bundle, data, dataset_name, cho
     return result
 
 
-def _audit_hardened(spec, model, model_name, rows, first, last, workdir, x_test, y_test, x_dec, y_dec, attack_n,
-                    images, judge) -> tuple[list, list]:
-    """Audit every hardened cut of ``spec.hardened`` with the same (adaptive) attacks, beside its cut."""
-    from auditor import metrics
+def _load_hardened(spec, model) -> tuple[list, list]:
+    """([(variant, its Keras model)], sweeps) of ``spec.hardened``, each checked before any attack runs:
+    a model whose defence is not the one its bundle declares is refused here (BundleError)."""
     from auditor.attacks import suite
-    from converter import cuts as cuts_mod
 
-    out, sweeps = [], []
+    variants, sweeps = [], []
     for path in spec.hardened:
-        variants, sweep = suite.load_hardened(path)
+        found, sweep = suite.load_hardened(path)
         if sweep is not None:
             sweeps.append(sweep)
-        for v in variants:
+        for v in found:
             hmodel = v.load_model()
-            try:
-                cut = cuts_mod.find_cut(hmodel, v.layer)
-            except UsageError:  # the defence layer may hide the cut from the analysis: the base model's
-                cut = cuts_mod.find_cut(model, v.layer)
-            base_cut = cuts_mod.find_cut(model, v.layer)
-            depth = (base_cut.index - first) / max(last - first, 1)
-            facc = float((metrics.predict_labels(hmodel, x_test) == y_test).mean())
-            row = _audit_cut(spec, hmodel, model_name, cut, depth, v.bundle, workdir, x_test, y_test, x_dec, y_dec,
-                             attack_n, facc, images, judge, row_name=f"{v.layer} + {v.label}")
-            row.variant = v.label
-            if v.point is not None and (v.sweep or {}).get("baseline"):
-                row.accuracy["unhardened_int8"] = v.sweep["baseline"].get("accuracy")
-            out.append(row)
-    return out, sweeps
+            suite.deployed_head(v.bundle, hmodel, depth=0.0)  # the defence on both sides, or one clear error
+            variants.append((v, hmodel))
+    return variants, sweeps
+
+
+def _audit_hardened(spec, model, model_name, variants, first, last, workdir, x_test, y_test, x_dec, y_dec,
+                    attack_n, images, judge) -> list:
+    """Audit every hardened cut with the same (adaptive) attacks, beside its cut."""
+    from auditor import metrics
+    from converter import cuts as cuts_mod
+
+    out = []
+    for v, hmodel in variants:
+        try:
+            cut = cuts_mod.find_cut(hmodel, v.layer)
+        except UsageError:  # the defence layer may hide the cut from the analysis: the base model's
+            cut = cuts_mod.find_cut(model, v.layer)
+        base_cut = cuts_mod.find_cut(model, v.layer)
+        depth = (base_cut.index - first) / max(last - first, 1)
+        facc = float((metrics.predict_labels(hmodel, x_test) == y_test).mean())
+        row = _audit_cut(spec, hmodel, model_name, cut, depth, v.bundle, workdir, x_test, y_test, x_dec, y_dec,
+                         attack_n, facc, images, judge, row_name=f"{v.layer} + {v.label}")
+        row.variant = v.label
+        if (v.sweep or {}).get("baseline"):
+            row.accuracy["unhardened_int8"] = v.sweep["baseline"].get("accuracy")
+        out.append(row)
+    return out
 
 
 def _resolve(spec: AuditSpec):

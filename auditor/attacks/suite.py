@@ -31,7 +31,7 @@ def deployed_head(bundle, model, *, depth: float, head_runtime=None, tail_runtim
     from auditor.attacks import heads
 
     if getattr(bundle.manifest, "defence", None) is not None:
-        from auditor.defences import deployed_head as hardened  # the defence's own view of its head
+        from auditor.defences.exposed import deployed_head as hardened  # the defence's own view of its head
 
         return hardened(bundle, model, depth=depth, head_runtime=head_runtime, tail_runtime=tail_runtime)
     return heads.from_bundle(bundle, model, depth=depth, head_runtime=head_runtime, tail_runtime=tail_runtime)
@@ -87,7 +87,8 @@ class Hardened:
 def load_hardened(path, which: str = "chosen") -> tuple[list, dict | None]:
     """(hardened cuts, sweep or None) from an ``edgesplit harden`` output or a hardened bundle.
 
-    An output with ``sweep.json`` gives its chosen point (``which="chosen"``; the Pareto front when
+    A single ``harden`` output (``harden.json``, ``bundle/``, ``model.keras``) gives its one point; an
+    output with ``sweep.json`` gives its chosen point (``which="chosen"``; the Pareto front when
     none was chosen) or every Pareto point (``which="pareto"``); a bundle directory needs the
     hardened ``model.keras`` beside it (as ``harden`` writes them).
     """
@@ -112,14 +113,27 @@ def load_hardened(path, which: str = "chosen") -> tuple[list, dict | None]:
             out.append(Hardened(load_bundle(root / paths["bundle"]), root / paths["model"],
                                 p.get("label") or f"{p.get('method')} {p.get('strength')}", point=p, sweep=sweep))
         return out, sweep
+    if (root / "harden.json").is_file() and (root / "bundle" / "manifest.json").is_file():
+        record = json.loads((root / "harden.json").read_text())
+        point = record.get("point") or {}
+        b = load_bundle(root / "bundle")
+        return [Hardened(b, root / "model.keras", point.get("label") or _label(b, root), point=point,
+                         sweep={"baseline": record.get("baseline")} if record.get("baseline") else None)], None
     if (root / "manifest.json").is_file():
         model = next((m for m in (root / "model.keras", root.parent / "model.keras") if m.is_file()), None)
         if model is None:
             raise UsageError(f"{root} is a bundle, but the hardened model.keras is not beside it",
                              fix="pass the `edgesplit harden` output directory (it holds sweep.json)")
         b = load_bundle(root)
-        d = getattr(b.manifest, "defence", None)
-        label = root.parent.name if d is None else f"{getattr(d, 'method', 'defence')} {getattr(d, 'strength', '')}".strip()
-        return [Hardened(b, model, label)], None
-    raise UsageError(f"{root} is neither an `edgesplit harden` output (sweep.json) nor a bundle",
+        return [Hardened(b, model, _label(b, root))], None
+    raise UsageError(f"{root} is neither an `edgesplit harden` output (sweep.json or harden.json) nor a bundle",
                      fix="pass the directory `edgesplit harden --out` wrote")
+
+
+def _label(bundle, root) -> str:
+    d = getattr(bundle.manifest, "defence", None)
+    if d is None:
+        return root.parent.name
+    strength = getattr(d, "strength", None)
+    return f"{getattr(d, 'method', 'defence')} {strength:g}" if isinstance(strength, (int, float)) else str(
+        getattr(d, "method", "defence"))
