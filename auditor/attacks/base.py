@@ -94,8 +94,10 @@ class DeployedHead:
     def to_pixels(self, x) -> np.ndarray:
         """Model-input images -> pixels in [0, 1] (how reconstructions are scored and shown)."""
         x = np.asarray(x, np.float32)
+        if np.all(np.asarray(self.pixel_mean) == 0.0) and np.all(np.asarray(self.pixel_std) == 255.0):
+            return np.clip(x, 0.0, 1.0)  # already pixel / 255 (MNIST): exactly as it is
         mean, std = np.asarray(self.pixel_mean, np.float32), np.asarray(self.pixel_std, np.float32)
-        return np.clip((x * std + mean) / 255.0, 0.0, 1.0)
+        return np.clip((x * std + mean) / 255.0, 0.0, 1.0).astype(np.float32)
 
     def predicted_labels(self, sent) -> np.ndarray:
         """The class the cloud reads from ``sent`` (what it legitimately learns)."""
