@@ -31,6 +31,7 @@ BENCHES = [
     ("outbox", "bench_outbox.py", "the device outbox's cost"),
     ("mobilenet", "bench_mobilenet.py", "MobileNetV2 0.35 96x96, random weights: cost per cut"),
     ("mi", "bench_mi.py", "the auditor's mutual-information benchmark (paper setting)"),
+    ("attacks", "bench_attacks.py", "the four graded attacks and the label-only baseline at every paper-cnn cut"),
     ("frame", "bench_frame.py", "frame encode/decode"),
 ]
 

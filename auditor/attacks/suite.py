@@ -107,10 +107,14 @@ def load_hardened(path, which: str = "chosen") -> tuple[list, dict | None]:
         for i in picks:
             p = points[i]
             paths = p.get("paths") or {}
-            if not paths.get("bundle") or not paths.get("model"):
-                raise UsageError(f"{root / 'sweep.json'}: point {p.get('label', i)} names no bundle and model",
-                                 fix="re-run `edgesplit harden` with --out to keep the hardened bundles")
-            out.append(Hardened(load_bundle(root / paths["bundle"]), root / paths["model"],
+            bundle_dir, model = (root / paths[k] if paths.get(k) else None for k in ("bundle", "model"))
+            if i == sweep.get("chosen") and not (bundle_dir and bundle_dir.exists()):
+                bundle_dir, model = root / "bundle", root / "model.keras"   # the chosen point, promoted
+            if not (bundle_dir and bundle_dir.exists() and model and model.is_file()):
+                raise UsageError(f"{root / 'sweep.json'}: the bundle or model of point {p.get('label', i)} is not "
+                                 f"there ({bundle_dir}, {model})",
+                                 fix="keep the directory `edgesplit harden --sweep --out` wrote as it was")
+            out.append(Hardened(load_bundle(bundle_dir), model,
                                 p.get("label") or f"{p.get('method')} {p.get('strength')}", point=p, sweep=sweep))
         return out, sweep
     if (root / "harden.json").is_file() and (root / "bundle" / "manifest.json").is_file():

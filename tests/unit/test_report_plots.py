@@ -54,3 +54,31 @@ def test_labels_do_not_overlap_and_stay_inside_the_figure(xs, log_x):
                 f"label {text!r} runs off the figure"
     finally:
         plt.close(fig)
+
+
+def _sweep():
+    pts = [dict(method=m, strength=s, label=f"{m} {s:g}", accuracy=a, psnr_db=p, beyond_label_db=p - 13.0)
+           for m, s, a, p in (("noise", 0.5, 0.990, 22.0), ("noise", 1.0, 0.985, 17.0), ("noise", 2.0, 0.950, 14.0),
+                              ("dropout", 0.3, 0.988, 21.0), ("dropout", 0.6, 0.970, 18.0))]
+    return {"model": "paper-cnn", "cut": "pool2", "points": pts, "pareto": [0, 1, 2], "chosen": 1,
+            "baseline": {"label": "unhardened", "accuracy": 0.991, "psnr_db": 27.0, "beyond_label_db": 14.0},
+            "budgets": {"min_accuracy": 0.981, "max_psnr": None}, "reason": "noise 1 leaks least within budget"}
+
+
+def test_the_pareto_front_keeps_the_points_nothing_beats_on_both():
+    pts = _sweep()["points"]
+    # dropout 0.6 (18 dB at 97.0 %) is beaten by noise 1 (17 dB at 98.5 %); every other point trades
+    # leakage for accuracy, so the front runs from the safest to the most accurate
+    assert plots.pareto_front(pts) == [2, 1, 3, 0]
+    assert plots.pareto_front(pts, "beyond_label_db") == [2, 1, 3, 0]
+
+
+def test_the_privacy_accuracy_figure_draws_every_sweep():
+    import io
+    import types
+
+    from PIL import Image
+
+    png = plots.privacy_accuracy(types.SimpleNamespace(sweeps=[_sweep(), _sweep()]))
+    img = Image.open(io.BytesIO(png))
+    assert img.size[0] > 800 and img.size[1] > 600   # two rows of two panels
