@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import os
+import time
 from typing import Iterable
 
 import numpy as np
@@ -30,6 +31,7 @@ class Served:
 
     bundle: Bundle
     tail: Tail
+    last_used: float = dataclasses.field(default_factory=time.monotonic)   # a frame named it (monotonic)
 
     @property
     def bundle_id(self) -> str:
@@ -68,7 +70,12 @@ class Served:
 
 
 class Registry:
-    """Bundles by id.  ``Registry.load(paths)`` loads and verifies each and opens its tail."""
+    """Bundles by id.  ``Registry.load(paths)`` loads and verifies each and opens its tail.
+
+    Bundles come and go while frames are served (``cloud.updates`` loads announced ones and drops
+    idle ones): the table is replaced, never changed in place, so a reader on the batch thread
+    always sees a whole one.
+    """
 
     def __init__(self, *, num_threads: int | None = None, backend: str | None = None):
         self._served: dict[str, Served] = {}
@@ -92,7 +99,7 @@ class Registry:
         tail = Tail(bundle, num_threads=self._num_threads, backend=self._backend)  # checked against the manifest
         spec = bundle.manifest.feature
         served = Served(bundle, tail)
-        self._served[bundle.bundle_id] = served
+        self._served = {**self._served, bundle.bundle_id: served}
         log.info("serving bundle %s (%s cut at %s, %s): feature %s %s, tail on %s", bundle.bundle_id,
                  bundle.manifest.model, bundle.manifest.cut, bundle.manifest.quant, spec.dtype,
                  list(spec.shape), tail.backend.name)
@@ -101,6 +108,15 @@ class Registry:
     def get(self, bundle_id: str) -> Served | None:
         return self._served.get(bundle_id)
 
+    def remove(self, bundle_id: str) -> Served | None:
+        """Stop serving a bundle (frames naming it are then ``unknown-bundle``); the one removed."""
+        table = dict(self._served)
+        gone = table.pop(bundle_id, None)
+        self._served = table
+        if gone is not None:
+            log.info("no longer serving bundle %s", bundle_id)
+        return gone
+
     def lookup(self, frame: Frame) -> Served:
         """The bundle a frame names, or FrameError (reason ``unknown-bundle``)."""
         served = self._served.get(frame.bundle_id)
@@ -108,6 +124,7 @@ class Registry:
             raise FrameError(Reason.UNKNOWN_BUNDLE, f"bundle {frame.bundle_id} is not served here (serving "
                                                     f"{', '.join(self.ids) or 'nothing'})",
                              fix="start the cloud with --bundle for that bundle, or update the device's bundle")
+        served.last_used = time.monotonic()
         return served
 
     @property

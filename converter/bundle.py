@@ -3,9 +3,9 @@
 :func:`convert` loads a model (zoo name, ``.keras`` path or a ``keras.Model``),
 splits it at a cut, converts head and tail with the chosen quantization,
 writes the bundle directory (``manifest.json``, ``head.tflite``,
-``tail.tflite``), checks parity with a real LiteRT interpreter on held-out
-test images, records the result in the manifest, and packs ``DIR.tar.gz``
-beside the directory.  The format is in ``docs/bundle.md``.
+``tail.tflite``, and ``probe.npz``, the self-test of ``runtime.probe``), checks
+parity with a real LiteRT interpreter on held-out test images, records the
+result in the manifest, and packs ``DIR.tar.gz`` beside the directory.  The format is in ``docs/bundle.md``.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from converter import parity as parity_mod  # noqa: E402
 from converter.quantize import convert_split  # noqa: E402
 from protocol import manifest as mf  # noqa: E402
 from protocol.errors import CheckFailed, UsageError  # noqa: E402
+from runtime.probe import make_probe  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -407,6 +408,10 @@ def convert(model, cut: str, quant: str = "int8", calibration=None, out=None, mi
         (staging / mf.TAIL_FILE).write_bytes(converted.tail)
         if keras_tail:
             split.tail.save(staging / mf.TAIL_KERAS_FILE)
+        mf.write_bundle(staging, draft)
+        # the self-test a device (and a worker) runs before switching to this bundle: the real LiteRT
+        # head and tail on seeded inputs, stored in probe.npz (runtime.probe)
+        draft = msgspec.structs.replace(draft, probe=make_probe(mf.load_bundle(staging)))
         mf.write_bundle(staging, draft)
         times["write"] = time.perf_counter() - t
 

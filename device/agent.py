@@ -52,6 +52,7 @@ from device import sources
 from device.config import DeviceConfig
 from device.outbox import OutboxEntry, OutboxFull, SqliteOutbox
 from device.results import AgentStats, DeviceResult
+from device.switching import BundleSwitching, NoUpdates
 from protocol import topics
 from protocol.errors import FrameError, Reason, UsageError
 from protocol.frame import RESULT, Frame, decode_frame, encode_frame, now_us
@@ -76,11 +77,12 @@ class _Pending:
     scale: float | None = None
     zero_point: int | None = None
     bundle_id: str = ""
+    x: np.ndarray | None = None     # the head input, kept while its bundle is on probation (a rollback re-runs it)
 
 
 # --------------------------------------------------------------------------- the agent
 
-class DeviceAgent:
+class DeviceAgent(BundleSwitching):
     """Runs a bundle's head on a device and talks to the cloud through ``client`` (see the module docstring).
 
     ``config``: the settings used are ``device_id``, ``fleet``, ``bundle``, ``timeout``
@@ -90,11 +92,12 @@ class DeviceAgent:
     device's); from then on the agent starts and stops it.  ``key``: the device's MAC
     key (bytes): every frame is signed and only signed results are accepted.
     ``bundle``/``outbox``: an already loaded bundle or open outbox instead of the
-    config's paths.
+    config's paths.  ``updater``: a :class:`device.update.Updater` taking bundle updates.
     """
 
     def __init__(self, config: DeviceConfig, client, *, key: bytes | None = None, bundle: Bundle | None = None,
-                 outbox: SqliteOutbox | None = None, compress: str = "auto", connect_timeout: float = 10.0):
+                 outbox: SqliteOutbox | None = None, compress: str = "auto", connect_timeout: float = 10.0,
+                 updater=None):
         self.config = config
         self.device_id, self.fleet = config.device_id, config.fleet
         self.bundle = bundle if bundle is not None else load_bundle(config.bundle)
@@ -132,6 +135,11 @@ class DeviceAgent:
         self._t_start = 0.0
         self.client = client
         self.client.subscribe(self.results_topic, self._on_message, qos=topics.delivery(topics.RESULTS).qos)
+        self.manifests = {self.bundle.bundle_id: self.manifest}    # of every bundle a pending request was made with
+        self._held: list[tuple[int, _Pending, DeviceResult]] = []  # failed answers of a bundle on probation
+        self.updater = updater if updater is not None else NoUpdates()
+        self.updater.attach(self)
+        self.on_stop: list = []                 # called once the agent has stopped (e.g. its metrics page)
 
     # ------------------------------------------------------------- the network
     def _on_message(self, topic: str, payload: bytes) -> None:
@@ -170,6 +178,7 @@ class DeviceAgent:
             probe_like(self.client, f"device {self.device_id}")    # warns when the broker looks like Nagle
         self._connects_seen = self.stats.connects = self.client.connects
         self._recover_outbox()
+        self.updater.start()
         return self
 
     def stop(self) -> None:
@@ -180,6 +189,7 @@ class DeviceAgent:
         self.stats.seconds = time.monotonic() - self._t_start
         self.stats.connects = self.client.connects
         try:
+            self.updater.stop()
             if self.client.connected and self.client.error is None:
                 st = topics.delivery(topics.STATUS)
                 self.client.publish(self.status_topic, topics.STATUS_STOPPED.encode(), qos=st.qos,
@@ -188,6 +198,8 @@ class DeviceAgent:
             self.client.stop()
             if self.outbox is not None:
                 self.outbox.close()
+            for f in self.on_stop:
+                f()
 
     def request_stop(self) -> None:
         """Ask a running loop to stop taking inputs and finish (safe from a signal handler)."""
@@ -231,7 +243,7 @@ class DeviceAgent:
             return
         stale = []
         for e in self.outbox.pending():
-            if e.bundle_id != self.bundle.bundle_id:
+            if e.bundle_id not in self.manifests:       # the cloud serves the bundles this device keeps
                 stale.append(e.request_id)
                 continue
             if e.request_id in self._pending:
@@ -259,10 +271,11 @@ class DeviceAgent:
         scale = feat.scale if feat.quantized else None
         zp = feat.zero_point if feat.quantized else None
         new = []
-        for name, f in zip(names, feats):
+        keep = self.updater.holds(self.bundle.bundle_id)
+        for i, (name, f) in enumerate(zip(names, feats)):
             rid = self._next_request_id()
             new.append((rid, _Pending(str(name), f, t0, head_s, scale=scale, zero_point=zp,
-                                      bundle_id=self.bundle.bundle_id)))
+                                      bundle_id=self.bundle.bundle_id, x=x[i] if keep else None)))
         failed: list[DeviceResult] = []
         if self.outbox is not None:
             # stored (committed) before it is published: an input the device accepted survives a crash
@@ -316,8 +329,14 @@ class DeviceAgent:
         self._remember_answered(rid)
         done.append(rid)
         self.stats.answered += 1
-        r = DeviceResult.of_frame(frame, p.name, self.manifest, latency_ms=(t_recv - p.t_submit) * 1000,
-                                  head_ms=p.head_s * 1000, attempts=p.attempts, recovered=p.recovered)
+        r = DeviceResult.of_frame(frame, p.name, self.manifests.get(p.bundle_id, self.manifest),
+                                  latency_ms=(t_recv - p.t_submit) * 1000, head_ms=p.head_s * 1000,
+                                  attempts=p.attempts, recovered=p.recovered)
+        self.updater.observe(p.bundle_id, r.ok, r.error or "")
+        if not r.ok and self.updater.holds(p.bundle_id):
+            self._held.append((rid, p, r))      # handed out once the probation ends (or run again)
+            self.stats.worker_errors += 1
+            return None
         if r.ok:
             self.stats.latencies_ms.append(r.latency_ms)
         else:
@@ -343,6 +362,7 @@ class DeviceAgent:
                 if now >= due:
                     del self._pending[rid]
                     self.stats.timeouts += 1
+                    self.updater.observe(p.bundle_id, False, "timeout")
                     out.append(DeviceResult(p.name, rid, head_ms=p.head_s * 1000, attempts=p.attempts,
                                             error=f"timeout: no answer within {self.timeout:g} s",
                                             recovered=p.recovered))
@@ -361,6 +381,7 @@ class DeviceAgent:
         got_event = False
         while True:
             self._check_link()
+            yield from self.maintain()
             now = time.monotonic()
             expired, wait = self._housekeeping(now)
             yield from expired

@@ -8,9 +8,9 @@ flag.  From that one list come:
   3.10), every problem at once with its key path, the file line and a "did you
   mean" (:class:`ConfigError`, exit 78: a service cannot run with it);
 * :func:`dump_config`: the file again, each key with its description;
-* :func:`flags` and :func:`from_flags`: the options of ``edgesplit device run``
-  (:class:`UsageError`, exit 2), filled from ``edgesplit broker config``'s
-  ``broker.json`` where a flag is not given.
+* ``device.flags``: the options of ``edgesplit device run`` (:class:`UsageError`,
+  exit 2), filled from ``edgesplit broker config``'s ``broker.json`` where a flag is
+  not given.
 
 Two kinds of run want different defaults, said here once: a service (the file)
 waits for ever, keeps an outbox and a result log in its state directory and reads
@@ -27,15 +27,15 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-__all__ = ["DeviceConfig", "load_config", "parse_config", "dump_config", "flags", "from_flags", "CONFIG_KEYS",
-           "DEFAULT_CONFIG", "DEFAULT_STATE_DIR", "Setting"]
+__all__ = ["DeviceConfig", "load_config", "parse_config", "dump_config", "CONFIG_KEYS", "DEFAULT_CONFIG",
+           "DEFAULT_STATE_DIR", "Setting", "SETTINGS"]
 
 DEFAULT_CONFIG = "/etc/edgesplit/device.toml"
 DEFAULT_STATE_DIR = "/var/lib/edgesplit"
 INTERPRETERS = ("", "ai_edge_litert", "tflite_runtime", "tensorflow")
-SECTIONS = ("", "broker", "inputs", "agent")      # "" is the top level of the file
+SECTIONS = ("", "broker", "inputs", "agent", "update")      # "" is the top level of the file
 _SAME = object()
 
 
@@ -72,7 +72,8 @@ class DeviceConfig:
     bundle: Path = _setting(_REQUIRED, "", "path", "bundle directory or .tar.gz made by `edgesplit convert`",
                             required=True, flag="--bundle", metavar="BUNDLE")
     state_dir: Path = _setting(Path(DEFAULT_STATE_DIR), "", "path",
-                               "where the outbox, results and processed images go")
+                               "where the outbox, results, processed images and updated bundles go",
+                               flag="--state-dir", metavar="DIR")
 
     broker_url: str = _setting(_REQUIRED, "broker", "str", "mqtt://host:1883 or mqtts://host:8883 (no password "
                                "in a file: see credentials)", key="url", required=True, flag="--broker",
@@ -128,6 +129,22 @@ class DeviceConfig:
     key_file: str = _setting("", "agent", "str", "frame MAC key file (relative: inside credentials; '' for "
                              "unsigned): sign every frame, accept only signed results", flag="--key",
                              metavar="FILE")
+    report_interval: float = _setting(10.0, "agent", "float", "seconds between the reports on the retained "
+                                      "report topic (bundle, update state, counters)", minimum=0.1,
+                                      flag="--report-interval", metavar="S")
+    metrics_port: int = _setting(0, "agent", "int", "serve Prometheus metrics on this port (0: off)", minimum=0,
+                                 flag="--metrics-port", metavar="PORT")
+    metrics_host: str = _setting("127.0.0.1", "agent", "str", "address the metrics port listens on (0.0.0.0 opens "
+                                 "it to the network)", flag="--metrics-host", metavar="ADDR")
+
+    fleet_key: str = _setting("", "update", "str", "the fleet's public key (relative: inside credentials): take "
+                              "signed bundle updates into state_dir/bundles; missing or '': never update",
+                              service_default="fleet.pub", flag="--fleet-key", metavar="FILE")
+    probation: int = _setting(10, "update", "int", "good answers a new bundle must get before it is kept", minimum=1)
+    max_errors: int = _setting(3, "update", "int", "failed answers (errors, dead letters, timeouts) that roll a new "
+                               "bundle back during its probation", minimum=1)
+    probation_seconds: float = _setting(120.0, "update", "float", "a probation without a failure ends after this "
+                                        "long even without traffic", minimum=1.0)
 
     path: Path | None = None          # the file it was read from
 
@@ -438,60 +455,3 @@ def dump_config(cfg: DeviceConfig | dict, *, header: str = "") -> str:
             lines.append(f"# {s.doc}")
             lines.append(f"{key} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------- the command line
-
-def flags() -> Iterator[tuple[str, str, Setting, Any]]:
-    """(flag, field name, setting, its default for `device run`) for each setting the command line has."""
-    for name, s in SETTINGS.items():
-        if s.flag:
-            yield s.flag, name, s, _default(name, service=False)
-
-
-def from_flags(given: dict[str, Any]) -> DeviceConfig:
-    """A :class:`DeviceConfig` from ``edgesplit device run``'s options (field name -> value, None: not given).
-
-    ``credentials`` (a device directory from ``edgesplit broker config``, or its
-    ``--out`` directory with ``device_id``) supplies the broker URL, device id,
-    fleet, user and client id that are not given.  Relative file paths are taken
-    from the working directory.  UsageError (exit 2) names the flag at fault.
-    """
-    from protocol.errors import UsageError
-
-    v = {k: val for k, val in given.items() if val is not None}
-    facts: dict = {}
-    if v.get("credentials"):
-        from device.credentials import directory_facts, find_device_dir
-
-        v["credentials"] = str(find_device_dir(v["credentials"], v.get("device_id")))
-        facts = directory_facts(v["credentials"])
-    if v.get("device_id") and facts.get("device_id") and v["device_id"] != facts["device_id"]:
-        raise UsageError(f"--device-id {v['device_id']} does not match the credentials of {facts['device_id']}",
-                         fix="drop --device-id, or give that device's credential directory")
-    for name in ("broker_url", "device_id", "fleet", "username", "client_id"):
-        if not v.get(name) and facts.get(name):
-            v[name] = facts[name]
-    if not v.get("broker_url"):
-        raise UsageError("no broker given", fix="pass --broker mqtt://host:1883 (or --credentials DIR)")
-    if not v.get("device_id"):
-        raise UsageError("no device id given", fix="pass --device-id ID (or --credentials DIR)")
-    values = {name: v.get(name, _default(name, service=False)) for name in SETTINGS}
-    problems = []
-    for name in v:                          # the defaults hold by construction
-        s = SETTINGS[name]
-        values[name], problem = _check(s, values[name], s.flag or "INPUT")
-        if problem:
-            problems.append(problem)
-    if not problems:
-        problems = _cross_problems(values, lambda n: SETTINGS[n].flag or "INPUT", file=False)
-    if problems:
-        raise UsageError("; ".join(problems), fix="correct the options named (edgesplit device run --help)")
-    cwd = Path.cwd()
-    for name in ("password_file", "ca_file", "key_file", "outbox"):
-        if name in v and values[name]:       # given on the command line: from where the user stands
-            values[name] = str(cwd / os.path.expanduser(values[name]))
-    values["bundle"] = cwd / os.path.expanduser(str(values["bundle"]))
-    # an outbox is only worth its disk when the broker also keeps the answers for it
-    values["persistent_session"] = bool(values["outbox"]) or values["persistent_session"]
-    return DeviceConfig(**values)           # which makes paths Paths and sources a tuple

@@ -24,10 +24,10 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 __all__ = ["Credentials", "read_credentials", "resolve_credentials", "directory_facts", "find_device_dir",
-           "CREDENTIAL_NAMES"]
+           "fleet_key_path", "CREDENTIAL_NAMES"]
 
 #: the names ``LoadCredential=`` gives the files the service reads from ``$CREDENTIALS_DIRECTORY``
-CREDENTIAL_NAMES = {"password": "broker-password", "ca": "broker-ca", "key": "frame-key"}
+CREDENTIAL_NAMES = {"password": "broker-password", "ca": "broker-ca", "key": "frame-key", "fleet": "fleet-key"}
 BROKER_JSON = "broker.json"
 
 
@@ -199,3 +199,25 @@ def resolve_credentials(cfg, env: dict | None = None, *, error=None) -> Credenti
         ca = None
     username = cfg.username or facts.get("username") or (cfg.device_id if creds.password is not None else None)
     return dataclasses.replace(creds, username=username, ca_path=ca)
+
+
+def fleet_key_path(cfg, env: dict | None = None, *, error=None) -> Path | None:
+    """The fleet's public key of a :class:`~device.config.DeviceConfig` (systemd's copy first), or None
+    when there is none to be had: the device then takes no bundle updates.  A key named other than
+    the default ``fleet.pub`` must exist."""
+    name = cfg.fleet_key
+    if not name:
+        return None
+    env = os.environ if env is None else env
+    sd = env.get("CREDENTIALS_DIRECTORY")
+    if sd and (Path(sd) / CREDENTIAL_NAMES["fleet"]).is_file():
+        return Path(sd) / CREDENTIAL_NAMES["fleet"]
+    path = Path(name) if os.path.isabs(name) else (cfg.credentials / name if cfg.credentials else Path(name))
+    if path.is_file():
+        return path
+    if name != "fleet.pub":
+        raise _errors(error)(f"the fleet key {path} does not exist",
+                             fix="copy fleet.pub from `edgesplit broker config` there, or set "
+                                 "`update.fleet_key = \"\"` for a device that takes no updates")
+    log.debug("no fleet key at %s: this device takes no bundle updates", path)
+    return None

@@ -26,6 +26,7 @@ class DeviceResult:
     attempts: int = 1                # frames published for this request
     error: str | None = None         # "timeout", the worker's error, or why the input failed
     recovered: bool = False          # re-sent from the outbox after a restart
+    bundle_id: str = ""              # the bundle whose head and tail answered
     probabilities: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
     @property
@@ -43,6 +44,8 @@ class DeviceResult:
             d["error"] = self.error
         if self.recovered:
             d["recovered"] = True
+        if self.bundle_id:
+            d["bundle_id"] = self.bundle_id
         return d
 
     def to_json(self) -> str:
@@ -54,7 +57,7 @@ class DeviceResult:
         """What a (decoded, matched) result frame says about input ``name``, in the manifest's words."""
         cloud_ms = (frame.t_done_us - frame.t_recv_us) / 1000 if frame.t_done_us and frame.t_recv_us else None
         common = dict(latency_ms=latency_ms, head_ms=head_ms, cloud_ms=cloud_ms, attempts=attempts,
-                      recovered=recovered)
+                      recovered=recovered, bundle_id=frame.bundle_id)
         if not frame.ok:
             return cls(name, frame.request_id, error=f"worker: {frame.error}", **common)
         probs = np.asarray(frame.dequantized() if frame.scale is not None else frame.tensor,

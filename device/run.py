@@ -1,7 +1,7 @@
 """``edgesplit device run``: send a set of inputs once and hand back each result.
 
 The command line builds the :class:`~device.config.DeviceConfig`
-(:func:`device.config.from_flags`); this reads the inputs, opens the agent
+(:func:`device.flags.from_flags`); this reads the inputs, opens the agent
 (:func:`device.transport.open_agent`) and runs it.  SIGTERM (systemd stopping a
 unit that runs this) stops taking inputs, waits briefly for the answers in flight
 and ends cleanly with ``stopped``.

@@ -184,6 +184,10 @@ class DeviceService:
         agent = self.agent
         while not self._stop.is_set():
             self._beat()
+            # a bundle update switches (or rolls back) between bursts too, while the folders are quiet
+            self._consume(agent.maintain())
+            if agent.in_flight:
+                self._consume(agent.flush())
             burst = self.watcher.scan()
             if not burst:
                 self._stop.wait(self.config.poll_interval)

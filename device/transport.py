@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 
 from device.config import DeviceConfig
-from device.credentials import Credentials, resolve_credentials
+from device.credentials import Credentials, fleet_key_path, resolve_credentials
 from protocol import topics
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,9 @@ def mqtt_client(config: DeviceConfig, credentials: Credentials | None = None):
 
 
 def open_agent(config: DeviceConfig, env: dict | None = None, *, error=None, **kwargs):
-    """A :class:`~device.agent.DeviceAgent` for ``config``: its credentials read, its client built.
+    """A :class:`~device.agent.DeviceAgent` for ``config``: its credentials read, its client built; with a
+    fleet key, its bundle from the update store and an updater (``device.update``); with a metrics port,
+    its metrics served (``device.metrics``).
 
     ``error``: the exception class for unusable credentials (default ConfigError, exit 78;
     the command line passes UsageError).  ``kwargs`` go to the agent.
@@ -60,4 +62,21 @@ def open_agent(config: DeviceConfig, env: dict | None = None, *, error=None, **k
     # the client's broker prints without a password (a command line's URL may hold one)
     log.log(kwargs.pop("log_level", logging.DEBUG), "device %s (fleet %s), broker %s, credentials from %s",
             config.device_id, config.fleet, client.broker, creds.source)
-    return DeviceAgent(config, client, key=creds.key, **kwargs)
+    fleet_key = fleet_key_path(config, env, error=error)
+    if fleet_key is not None and "updater" not in kwargs:
+        # bundle updates: the bundle to run is the store's (the configured one until an update)
+        from device.bundles import BundleStore
+        from device.update import Updater
+        from protocol.announce import load_verify_key
+
+        key = load_verify_key(fleet_key)
+        store = BundleStore(config.state_dir / "bundles", config.bundle)
+        kwargs["bundle"] = store.open()
+        kwargs["updater"] = Updater(config, store, key)
+        log.info("bundle updates signed by fleet key %s; running bundle %s", key.key_id, kwargs["bundle"].bundle_id)
+    agent = DeviceAgent(config, client, key=creds.key, **kwargs)
+    if config.metrics_port:
+        from device.metrics import serve
+
+        agent.on_stop.append(serve(agent, config.metrics_host, config.metrics_port).close)
+    return agent

@@ -244,7 +244,8 @@ def run_broker_config(args) -> int:
 
 
 def add_device(sub):
-    from device.config import DEFAULT_CONFIG, flags
+    from device.config import DEFAULT_CONFIG
+    from device.flags import flags
 
     p = sub.add_parser("device", help="the device role: run a bundle's head and send features to the cloud")
     dsub = p.add_subparsers(dest="device_verb", metavar="ACTION")
@@ -279,10 +280,10 @@ def add_device(sub):
 
 def run_device(args) -> int:
     # Only device/, runtime/ and protocol/ are imported here: a Raspberry Pi has no TensorFlow.
-    from device import config, run
+    from device import flags, run
 
-    cfg = config.from_flags({name: getattr(args, name) for _, name, _, _ in config.flags()}
-                            | {"sources": args.inputs})
+    cfg = flags.from_flags({name: getattr(args, name) for _, name, _, _ in flags.flags()}
+                           | {"sources": args.inputs})
     summary = run.run(cfg, on_result=lambda r: print(r.to_json(), flush=True))
     print(summary.summary(), file=sys.stderr)
     if args.stats_json:

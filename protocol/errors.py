@@ -126,3 +126,45 @@ class FrameError(EdgesplitError):
 
 class TopicError(UsageError):
     """A topic or an id that goes into one is not valid."""
+
+
+class UpdateReason(str, enum.Enum):
+    """Why a device or a worker refused a bundle update, or rolled one back: a short stable code.
+
+    Closed like :class:`Reason`; the table of docs/fleet.md has the same list (checked by a test).
+    A device reports it on its ``report`` topic (``refused <code>: ...``, ``rolled-back <code>: ...``).
+    """
+
+    BAD_ANNOUNCEMENT = "bad-announcement"   # not an announcement this edgesplit reads
+    BAD_SIGNATURE = "bad-signature"         # no valid Ed25519 signature by the trusted fleet key
+    NOT_ADDRESSED = "not-addressed"         # signed for another fleet or other devices
+    TOO_LARGE = "too-large"                 # more bytes or chunks than a bundle may have
+    BAD_CHUNK = "bad-chunk"                 # a chunk does not match its sha256
+    TRUNCATED = "truncated"                 # chunks stopped coming (an incomplete chunk stream)
+    BAD_SHA256 = "bad-sha256"               # the whole archive or a file in it does not match its sha256
+    BAD_BUNDLE = "bad-bundle"               # the archive is not a bundle this edgesplit can load
+    INPUT_MISMATCH = "input-mismatch"       # made for another model input than the running bundle
+    NO_PROBE = "no-probe"                   # no self-test probe in the manifest
+    SELF_TEST = "self-test"                 # the head (or tail) does not give the probe's expected outputs
+    ANSWERS_FAILED = "answers-failed"       # after the switch, its answers came back as errors
+    NOT_HELD = "not-held"                   # a rollback to a bundle this device does not hold
+    FLEET_ROLLBACK = "fleet-rollback"       # the operator returned the fleet to the previous bundle
+    IO_ERROR = "io-error"                   # the disk refused (full, read-only)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class UpdateError(EdgesplitError):
+    """A bundle update was refused (or rolled back); ``reason`` is its :class:`UpdateReason`."""
+
+    exit_code = 1
+
+    def __init__(self, reason: UpdateReason, message: str, fix: str | None = None):
+        if not isinstance(reason, UpdateReason):
+            raise TypeError(f"UpdateError needs a protocol.errors.UpdateReason, got {reason!r}")
+        super().__init__(message, fix)
+        self.reason = reason
+
+    def __reduce__(self):
+        return type(self), (self.reason, self.message, self.fix)

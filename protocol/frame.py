@@ -43,7 +43,7 @@ from protocol.fields import (BUNDLE_ID_CHARS, DTYPE_BY_CODE, DTYPE_BY_NUM, DTYPE
 
 log = logging.getLogger(__name__)
 
-__all__ = ["encode_frame", "decode_frame", "header_size", "FrameLimits", "MAGIC", "VERSION", "PREFIX_BYTES",
+__all__ = ["encode_frame", "decode_frame", "header_size", "peek_ids", "FrameLimits", "MAGIC", "VERSION", "PREFIX_BYTES",
            "AUTO_MIN_BYTES", "AUTO_MIN_SAVING", "ZSTD_LEVEL",
            # from protocol.fields
            "Frame", "now_us", "FEATURES", "RESULT", "KINDS", "DTYPE_CODES", "DTYPES", "ENCODING_CODES",
@@ -407,3 +407,19 @@ def _unzstd(body: memoryview, expected: int) -> bytes:
         raise FrameError(Reason.BAD_SIZE, f"zstd body decompressed to {len(out)} bytes, the shape needs {expected}",
                          fix="publish frames made by encode_frame")
     return out
+
+
+def peek_ids(prefix: bytes | memoryview) -> tuple[int, str, str] | None:
+    """(request id, device id, bundle id) from the start of a frame (a dead letter keeps only its first
+    bytes), or None when they do not hold a whole header.  Nothing is checked: for bookkeeping only."""
+    view = memoryview(prefix).cast("B")
+    if view.nbytes < PREFIX_BYTES:
+        return None
+    magic, version, hlen = _PREFIX.unpack_from(view)
+    if magic != MAGIC or version != VERSION or PREFIX_BYTES + hlen > view.nbytes:
+        return None
+    try:
+        h = _decoder.decode(view[PREFIX_BYTES:PREFIX_BYTES + hlen])
+    except (msgspec.MsgspecError, UnicodeDecodeError):
+        return None
+    return h.request_id, h.device_id, h.bundle_id.hex()

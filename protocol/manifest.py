@@ -34,6 +34,7 @@ from protocol import archive, tensors
 from protocol.defence import DefenceSpec
 from protocol.errors import BundleError
 from protocol.image import InputSpec, Preprocess  # noqa: F401  (part of the manifest: mf.InputSpec, mf.Preprocess)
+from protocol.probe import Probe
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +201,7 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     defence: Optional[DefenceSpec] = None   # schema 2: applied on the device before sending (protocol.defence)
     dataset: Optional[Dataset] = None              # schema 2
     source_model: Optional[SourceModel] = None     # schema 2
+    probe: Optional[Probe] = None                  # schema 2: the self-test of a device and a worker (protocol.probe)
 
     def __post_init__(self):
         if self.quant == "int8" and not self.feature.quantized:

@@ -5,7 +5,14 @@ Every topic is versioned and per device::
     edgesplit/v1/<fleet>/<device>/features      device -> cloud, QoS 1, never retained
     edgesplit/v1/<fleet>/<device>/results       cloud -> device, QoS 1, never retained
     edgesplit/v1/<fleet>/<device>/status        device (and its last will), QoS 1, retained
-    edgesplit/v1/<fleet>/<device>/dead-letter   cloud -> operators, QoS 1, never retained
+    edgesplit/v1/<fleet>/<device>/dead-letter   cloud -> operators (and the device), QoS 1, never retained
+    edgesplit/v1/<fleet>/<device>/report        device -> operators: update state and counters, QoS 1, retained
+    edgesplit/v1/<fleet>/<device>/announce      operator -> one device: a signed bundle announcement, retained
+
+A fleet's own topics have four or six levels, so no device filter (five levels) matches them::
+
+    edgesplit/v1/<fleet>/announce               operator -> the whole fleet, signed, QoS 1, retained
+    edgesplit/v1/<fleet>/bundle/<bundle-id>/<n> chunk n of a bundle's .tar.gz, QoS 1, retained
 
 Cloud workers share one subscription, ``$share/<group>/edgesplit/v1/<fleet>/+/features``,
 so the broker spreads the devices' frames over them.  A tensor or result topic
@@ -33,7 +40,10 @@ FEATURES = "features"
 RESULTS = "results"
 STATUS = "status"
 DEAD_LETTER = "dead-letter"
-KINDS = (FEATURES, RESULTS, STATUS, DEAD_LETTER)
+REPORT = "report"
+ANNOUNCE = "announce"
+KINDS = (FEATURES, RESULTS, STATUS, DEAD_LETTER, REPORT, ANNOUNCE)
+CHUNK = "bundle"        # the fleet-level folder of bundle chunks
 
 # Three-valued availability, as Frigate does it: "online" after connect and
 # every reconnect, "stopped" on a clean exit, "offline" as the retained will.
@@ -63,6 +73,9 @@ DELIVERY = {
     RESULTS: Delivery(qos=1, retain=False),
     STATUS: Delivery(qos=1, retain=True),
     DEAD_LETTER: Delivery(qos=1, retain=False),
+    REPORT: Delivery(qos=1, retain=True),
+    ANNOUNCE: Delivery(qos=1, retain=True),
+    CHUNK: Delivery(qos=1, retain=True),
 }
 
 
@@ -100,7 +113,8 @@ def check_id(value: object, what: str = "device id") -> str:
 
 def topic(fleet: str, device: str, kind: str) -> str:
     """``edgesplit/v1/<fleet>/<device>/<kind>`` with both ids validated."""
-    delivery(kind)  # validates kind
+    if kind not in KINDS:
+        raise TopicError(f"unknown topic kind {kind!r}", fix=f"use one of {', '.join(KINDS)}")
     return f"{PREFIX}/{check_id(fleet, 'fleet id')}/{check_id(device, 'device id')}/{kind}"
 
 
@@ -124,6 +138,34 @@ def dead_letter(fleet: str, device: str) -> str:
     return topic(fleet, device, DEAD_LETTER)
 
 
+def report(fleet: str, device: str) -> str:
+    """Retained topic where a device says its update state and counters (``protocol.report``)."""
+    return topic(fleet, device, REPORT)
+
+
+def device_announce(fleet: str, device: str) -> str:
+    """Retained topic of the bundle announcements addressed to one device (canaries, ``--devices``)."""
+    return topic(fleet, device, ANNOUNCE)
+
+
+def fleet_announce(fleet: str) -> str:
+    """``edgesplit/v1/<fleet>/announce``: the retained bundle announcement for the whole fleet."""
+    return f"{PREFIX}/{check_id(fleet, 'fleet id')}/{ANNOUNCE}"
+
+
+def chunk(fleet: str, bundle_id: str, index: int) -> str:
+    """``edgesplit/v1/<fleet>/bundle/<bundle-id>/<index>``: one retained chunk of a bundle's .tar.gz."""
+    if not isinstance(index, int) or index < 0:
+        raise TopicError(f"chunk index {index!r} is not a whole number >= 0", fix="number chunks from 0")
+    return f"{chunks_filter(fleet, bundle_id)[:-1]}{index}"
+
+
+def chunks_filter(fleet: str, bundle_id: str = "+") -> str:
+    """Filter for a bundle's chunks (``+``: every bundle's) in ``fleet``."""
+    bundle_id = bundle_id if bundle_id == "+" else check_id(bundle_id, "bundle id")
+    return f"{PREFIX}/{check_id(fleet, 'fleet id')}/{CHUNK}/{bundle_id}/+"
+
+
 def _filter(fleet: str, kind: str) -> str:
     fleet = fleet if fleet == "+" else check_id(fleet, "fleet id")
     return f"{PREFIX}/{fleet}/+/{kind}"
@@ -137,6 +179,13 @@ def all_features(fleet: str = "+") -> str:
 def all_dead_letters(fleet: str = "+") -> str:
     """Filter for every dead letter in ``fleet`` (``+``: every fleet)."""
     return _filter(fleet, DEAD_LETTER)
+
+
+def all_of(kind: str, fleet: str = "+") -> str:
+    """Filter for one kind of every device's topics in ``fleet`` (e.g. ``all_of(REPORT, "lab")``)."""
+    if kind not in KINDS:
+        raise TopicError(f"unknown topic kind {kind!r}", fix=f"use one of {', '.join(KINDS)}")
+    return _filter(fleet, kind)
 
 
 def shared_features(group: str, fleet: str = "+") -> str:
@@ -167,7 +216,7 @@ def parse(name: str) -> Topic:
         raise TopicError(f"topic {name!r} is of protocol version {parts[1]!r}, this edgesplit speaks {VERSION!r}",
                          fix="run the same edgesplit version on devices and cloud")
     _, _, fleet, device, kind = parts
-    if kind not in DELIVERY:
+    if kind not in KINDS:
         raise TopicError(f"topic {name!r} ends in unknown kind {kind!r}", fix=f"use one of {', '.join(KINDS)}")
     return Topic(check_id(fleet, "fleet id"), check_id(device, "device id"), kind)
 

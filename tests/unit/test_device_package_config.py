@@ -207,7 +207,8 @@ def test_abstract_socket_names(tmp_path):
 def test_the_command_line_builds_the_same_config_and_names_its_flags(tmp_path, monkeypatch):
     import json
 
-    from device.config import DeviceConfig, flags, from_flags
+    from device.config import DeviceConfig
+    from device.flags import flags, from_flags
     from protocol.errors import UsageError
 
     monkeypatch.chdir(tmp_path)
