@@ -92,11 +92,15 @@ class Registry:
             raise BundleError("no bundle to serve", fix="pass at least one --bundle DIR_OR_TAR_GZ")
         return reg
 
-    def add(self, bundle: Bundle) -> Served:
+    def open_tail(self, bundle: Bundle) -> Tail:
+        """``bundle``'s tail with this registry's interpreter settings, checked against its manifest."""
+        return Tail(bundle, num_threads=self._num_threads, backend=self._backend)
+
+    def add(self, bundle: Bundle, tail: Tail | None = None) -> Served:
         if bundle.bundle_id in self._served:
             log.warning("bundle %s given twice (%s); serving it once", bundle.bundle_id, bundle.source)
             return self._served[bundle.bundle_id]
-        tail = Tail(bundle, num_threads=self._num_threads, backend=self._backend)  # checked against the manifest
+        tail = tail if tail is not None else self.open_tail(bundle)
         spec = bundle.manifest.feature
         served = Served(bundle, tail)
         self._served = {**self._served, bundle.bundle_id: served}

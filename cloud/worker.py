@@ -40,6 +40,7 @@ from cloud.batcher import MicroBatcher
 from cloud.dedupe import DedupeWindow, Verdict
 from cloud.registry import Registry, Served
 from cloud.sources import open_source
+from cloud.updates import GiveUp, Parked
 from protocol import signing, topics
 from protocol.errors import ConfigError, EdgesplitError, FrameError, Reason, TopicError, UsageError
 from protocol.frame import Frame, decode_frame, encode_frame, now_us
@@ -176,14 +177,18 @@ class Worker:
     ``keys``: per-device frame keys ({device_id: key}, a callable, or one key for all):
     every frame must then carry a valid MAC, strangers are refused, and a
     ``ReplayWindow`` of ``replay_window_s`` seconds refuses replays.  ``dedupe``: the
-    window of requests seen (default :class:`cloud.dedupe.DedupeWindow()`).
+    window of requests seen (default :class:`cloud.dedupe.DedupeWindow()`).  ``follow``: the
+    options of a :class:`cloud.updates.BundleFollower` (``keys``, ``cache_dir``, ``idle_s``):
+    load announced bundles without a restart.  ``metrics``: serve Prometheus metrics on
+    ``(host, port)`` (``cloud.metrics``).
     """
 
     def __init__(self, registry: Registry, broker: str, *, group: str = DEFAULT_GROUP, fleet: str = "+",
                  max_batch: int = 32, max_wait_ms: float = 0.0, name: str | None = None,
                  keys: signing.KeySource | None = None, replay_window_s: float | None = DEFAULT_REPLAY_WINDOW_S,
                  dedupe: DedupeWindow | None = None, stats_every: float = 0.0, source: str | None = None,
-                 probe: bool = True, **mqtt_options):
+                 probe: bool = True, follow: dict | None = None, metrics: tuple[str, int] | None = None,
+                 **mqtt_options):
         self.registry = registry
         self.name = name or _default_name()
         self.keys = keys
@@ -208,6 +213,16 @@ class Worker:
         self.filter = self.source.name
         self.batcher = MicroBatcher(self._run_batch, max_batch=max_batch, max_wait_s=max_wait_ms / 1000.0,
                                     name=f"batcher-{self.name}")
+        self.follower = None
+        if follow:
+            from cloud.updates import BundleFollower
+
+            self.follower = BundleFollower(self, fleet=fleet, **follow)
+        self.metrics = None
+        if metrics and metrics[1]:
+            from cloud.metrics import serve
+
+            self.metrics = serve(self, *metrics)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, wait_connected: float | None = None) -> bool:
@@ -218,6 +233,8 @@ class Worker:
 
             probe_like(self.client, f"worker {self.name}")      # warns when the broker looks like Nagle
         ok = self.source.start(self._on_message, wait_connected) and ok
+        if self.follower is not None:
+            self.follower.start()
         if self._stats_every > 0:
             threading.Thread(target=self._stats_loop, name="stats", daemon=True).start()
         return ok
@@ -231,6 +248,8 @@ class Worker:
         """Drain: stop new frames at the broker, answer every received one, flush, disconnect."""
         self._stop_stats.set()
         self.source.stop_intake(timeout=min(5.0, drain_timeout))
+        if self.follower is not None:
+            self.follower.stop()            # frames it held are dead-lettered, through the batcher
         if not self.batcher.close(drain_timeout):
             log.warning("worker %s: %d frame(s) still queued after %.0f s of draining",
                         self.name, self.batcher.pending, drain_timeout)
@@ -238,6 +257,8 @@ class Worker:
         for k, v in self.source.counters().items():
             setattr(self.stats, k, v)
         self.client.stop(timeout=min(10.0, drain_timeout))
+        if self.metrics is not None:
+            self.metrics.close()
         self._touch()
         return self.stats
 
@@ -278,22 +299,36 @@ class Worker:
         groups: dict[str, list] = collections.defaultdict(list)
         served_by: dict[str, Served] = {}
         for item in batch:
-            try:
-                where, reply = self._parse_topic(item.topic)
-            except TopicError as exc:
-                self._dead_letter(item, None, Reason.BAD_TOPIC, exc.message)
+            frame = None
+            if isinstance(item, GiveUp):            # held for a bundle that did not come (cloud.updates)
+                self._dead_letter(item.item, item.where, Reason.UNKNOWN_BUNDLE, item.why)
                 continue
+            if isinstance(item, Parked):            # held until its bundle was loaded: checked already
+                item, where, reply, frame, _ = item
+            else:
+                try:
+                    where, reply = self._parse_topic(item.topic)
+                except TopicError as exc:
+                    self._dead_letter(item, None, Reason.BAD_TOPIC, exc.message)
+                    continue
             try:
-                frame = decode_frame(item.payload, key=self.keys)   # MAC checked before the tensor
-                if frame.device_id != where.device:
-                    raise FrameError(Reason.DEVICE_MISMATCH,
-                                     f"a frame of device {frame.device_id!r} arrived on the topic "
-                                     f"of device {where.device!r}")
-                if self.replay is not None:
-                    self.replay.check_frame(frame)                  # only after the MAC proved seq and time
+                if frame is None:
+                    frame = decode_frame(item.payload, key=self.keys)   # MAC checked before the tensor
+                    if frame.device_id != where.device:
+                        raise FrameError(Reason.DEVICE_MISMATCH,
+                                         f"a frame of device {frame.device_id!r} arrived on the topic "
+                                         f"of device {where.device!r}")
+                    if self.replay is not None:
+                        self.replay.check_frame(frame)              # only after the MAC proved seq and time
                 served = self.registry.lookup(frame)
                 tensor = served.check(frame)
             except FrameError as exc:
+                if exc.reason is Reason.UNKNOWN_BUNDLE and self.follower is not None:
+                    if self.follower.park(Parked(item, where, reply, frame, time.monotonic())):
+                        continue                    # announced, still loading: answered once it is
+                    why = self.follower.why_not(frame.bundle_id)
+                    if why:
+                        exc = FrameError(Reason.UNKNOWN_BUNDLE, f"bundle {frame.bundle_id} is not served here: {why}")
                 self._dead_letter(item, where, exc.reason, exc.message)
                 continue
             except Exception as exc:  # a decoder bug must not take the worker down
@@ -326,8 +361,11 @@ class Worker:
         return hit
 
     def _answer(self, served: Served, rows: list) -> None:
+        t0 = time.perf_counter()
         try:
             outputs = served.run([r[3] for r in rows])
+            if self.metrics is not None:
+                self.metrics.batch(len(rows), time.perf_counter() - t0)
         except Exception as exc:
             log.exception("tail of bundle %s failed on a batch of %d", served.bundle_id, len(rows))
             for item, reply, frame, _ in rows:
@@ -465,7 +503,9 @@ def run_worker(bundles: list[str], broker: str, *, group: str = DEFAULT_GROUP, f
         stop.set()
 
     try:
-        registry = Registry.load(bundles, num_threads=num_threads)
+        # a worker that follows announcements may start empty: it learns its bundles from them
+        registry = (Registry.load(bundles, num_threads=num_threads) if bundles or not options.get("follow")
+                    else Registry(num_threads=num_threads))
         worker = Worker(registry, broker, group=group, fleet=fleet, max_batch=max_batch, max_wait_ms=max_wait_ms,
                         name=name, keys=keys, stats_every=stats_every, on_fatal=on_fatal, **options)
     except BaseException:
@@ -513,7 +553,8 @@ def serve(bundles: list[str], broker: str, *, workers: int = 1, group: str = DEF
           max_batch: int = 32, max_wait_ms: float = 0.0, stats_every: float = 30.0,
           num_threads: int | None = None, keys=None,
           replay_window_s: float | None = DEFAULT_REPLAY_WINDOW_S, password: str | None = None,
-          source: str | None = None) -> CloudRun:
+          source: str | None = None, follow: dict | None = None,
+          metrics: tuple[str, int] | None = None) -> CloudRun:
     """``edgesplit cloud``: run ``workers`` worker processes on one source until SIGTERM.
 
     ``source``: where the frames come from (``cloud.sources``): None or the broker's own
@@ -523,11 +564,18 @@ def serve(bundles: list[str], broker: str, *, workers: int = 1, group: str = DEF
     ``keys``: a directory of ``<device-id>.key`` files, or such files (a list of paths):
     frames must then be signed by their device (see :func:`load_keys`).  ``password``: the
     broker password when the URL names only the user (see :func:`protocol.mqtt.read_password_file`).
+    ``follow``: a :class:`cloud.updates.BundleFollower`'s options (``keys``: the fleet.pub path):
+    take announced bundles.  ``metrics``: (host, port): worker ``i`` serves its metrics on port + i.
     """
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
-    if not bundles:
-        raise UsageError("no bundle to serve", fix="pass --bundle DIR_OR_TAR_GZ (several allowed)")
+    if not bundles and not follow:
+        raise UsageError("no bundle to serve", fix="pass --bundle DIR_OR_TAR_GZ (several allowed), or --fleet-key "
+                                                   "fleet.pub to serve what the fleet's operator announces")
+    if follow:
+        from protocol.announce import load_verify_key
+
+        log.info("following bundle announcements signed by fleet key %s", load_verify_key(follow["keys"]).key_id)
     topics.check_id(group, "share group")
     parse_url(broker, password=password)  # a bad URL fails here, once, not in every child
     source = _check_source(source, broker)
@@ -539,10 +587,12 @@ def serve(bundles: list[str], broker: str, *, workers: int = 1, group: str = DEF
     common = dict(bundles=[str(Path(b)) for b in bundles], broker=broker, group=group, fleet=fleet,
                   max_batch=max_batch, max_wait_ms=max_wait_ms, stats_every=stats_every,
                   num_threads=num_threads, keys=keys, replay_window_s=replay_window_s, source=source)
+    if follow:
+        common["follow"] = dict(follow, keys=str(follow["keys"]))
     if password is not None:
         common["password"] = password
     if workers == 1:
-        stats = run_worker(**common)
+        stats = run_worker(**common, metrics=metrics)
         return CloudRun(str(parse_url(broker)), group, ids, 1, stats, [stats], source=_shown(source))
 
     ctx = multiprocessing.get_context("spawn")
@@ -552,7 +602,8 @@ def serve(bundles: list[str], broker: str, *, workers: int = 1, group: str = DEF
 
     def spawn(i: int, generation: int = 0):
         suffix = f"-w{i}" + (f"r{generation}" if generation else "")
-        kw = dict(common, name=f"{base}{suffix}", log_level=level)
+        kw = dict(common, name=f"{base}{suffix}", log_level=level,
+                  metrics=(metrics[0], metrics[1] + i) if metrics and metrics[1] else None)
         p = ctx.Process(target=_child, args=(kw, results), name=f"cloud-worker-{i}", daemon=False)
         p.start()
         return p

@@ -417,7 +417,7 @@ def serve(host: str | None = None, port: int | None = None, *, mosquitto: bool =
 def configure(out, *, devices: int | None = None, device_ids=None, fleet: str = "default",
               cloud_users=None, hostnames=None, port: int | None = None, bind: str | None = None,
               tls_cert=None, tls_key=None, ca=None, broker_dir=None, rotate: bool = False,
-              gateways=None, bridge: str | None = None, password_file=None):
+              gateways=None, bridge: str | None = None, password_file=None, operators=None):
     """``edgesplit broker config``: a production Mosquitto configuration for ``devices`` (a count:
     pi-001 …) or ``device_ids``; returns :class:`deploy.broker_config.BrokerConfig` (``summary()``).
 
@@ -453,4 +453,4 @@ def configure(out, *, devices: int | None = None, device_ids=None, fleet: str = 
     return broker_config.write_broker_config(
         out, ids, fleet=fleet, cloud_users=tuple(cloud_users or ("cloud",)), tls_cert=tls_cert, tls_key=tls_key,
         ca=ca, hostnames=tuple(hostnames or ("localhost",)), port=port, bind=bind, broker_dir=broker_dir,
-        rotate=rotate, gateways=tuple(gateways or ()))
+        rotate=rotate, gateways=tuple(gateways or ()), operators=tuple(operators or ("operator",)))

@@ -13,6 +13,9 @@
       devices/<id>/           what to flash on one device: broker.json, password (0600), ca.crt
       cloud/<user>/           the same for a cloud worker's user
       gateways/<name>/        the same for an edge broker's bridge (``gateways``: see deploy.bridge)
+      operator/<user>/        the same for the fleet's operator (``edgesplit fleet``: publish, rollback, status)
+      fleet/fleet.key (0600)  signs bundle announcements; every user's directory gets fleet.pub
+                              (deploy.fleet_config: the key and the ACL lines for bundle updates)
 
 The ACL names every device explicitly (no ``%u`` patterns): a reader sees
 exactly who may do what, and a user name that is not in the file gets nothing.
@@ -41,6 +44,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from deploy import fleet_config
 from protocol import topics
 from protocol.errors import ConfigError, UsageError
 
@@ -82,6 +86,8 @@ class BrokerConfig:
     created: tuple[str, ...]  # what this run made anew (CA, server certificate, passwords)
     stale: tuple[str, ...]    # credential directories of users no longer in the config
     gateways: tuple[str, ...] = ()   # edge brokers' bridges: write the fleet's features/status, read its results
+    operators: tuple[str, ...] = ()  # who publishes bundle announcements and reads the fleet's reports
+    fleet_key: Path | None = None    # the announcements' signing key (fleet.pub beside it)
 
     def credentials_dir(self, user: str) -> Path:
         """Directory holding ``user``'s broker.json, password and ca.crt."""
@@ -91,6 +97,8 @@ class BrokerConfig:
             return self.out_dir / "cloud" / user
         if user in self.gateways:
             return self.out_dir / "gateways" / user
+        if user in self.operators:
+            return self.out_dir / "operator" / user
         raise UsageError(f"{user!r} is not a user of this broker configuration",
                          fix=f"devices: {', '.join(self.devices)}; cloud users: {', '.join(self.cloud_users)}")
 
@@ -114,6 +122,10 @@ class BrokerConfig:
         if self.gateways:
             lines.append(f"  gateways : {', '.join(self.gateways)}: give {self.out_dir / 'gateways'}/<name>/ to "
                          f"`edgesplit broker config --bridge` on the edge (docs/broker.md, 'At the edge')")
+        if self.operators:
+            lines.append(f"  operator : {', '.join(self.operators)}: {self.out_dir / 'operator'}/<user>/ with the "
+                         f"signing key {self.fleet_key} publishes bundles (edgesplit fleet publish --config "
+                         f"{self.out_dir})")
         lines += [f"  devices  : flash {self.out_dir / 'devices'}/<id>/ onto each device",
                   f"  cloud    : give {self.out_dir / 'cloud'}/<user>/ to the cloud workers",
                   f"  run      : edgesplit broker --mosquitto --config {self.broker_dir}"
@@ -362,8 +374,9 @@ def _results_filter(fleet: str) -> str:
     return base[: -len(topics.FEATURES)] + topics.RESULTS
 
 
-def render_acl(fleet: str, devices: Sequence[str], cloud_users: Sequence[str], gateways: Sequence[str] = ()) -> str:
-    """The ACL file: one ``user`` block per device and cloud user; all else denied."""
+def render_acl(fleet: str, devices: Sequence[str], cloud_users: Sequence[str], gateways: Sequence[str] = (),
+               operators: Sequence[str] = ()) -> str:
+    """The ACL file: one ``user`` block per device, cloud user, gateway and operator; all else denied."""
     out = [f"# edgesplit ACL for fleet {fleet!r}: written by `edgesplit broker config`; re-run it, do not edit.",
            "# Mosquitto denies whatever no line below allows. A $share/<group>/<filter> subscription",
            "# is checked against <filter>; every delivered message against the reader's read rights.",
@@ -373,19 +386,24 @@ def render_acl(fleet: str, devices: Sequence[str], cloud_users: Sequence[str], g
                 f"topic write {topics.features(fleet, d)}",
                 f"topic write {topics.status(fleet, d)}",
                 f"topic read {topics.results(fleet, d)}",
+                *fleet_config.acl_lines(fleet, "device", d),
                 ""]
     for c in cloud_users:
         out += [f"user {c}",
                 f"topic read {topics.all_features(fleet)}",
                 f"topic write {_results_filter(fleet)}",
                 f"topic write {topics.all_dead_letters(fleet)}",
+                *fleet_config.acl_lines(fleet, "cloud", c),
                 ""]
     for g in gateways:          # an edge broker's bridge speaks for every device behind it
         out += [f"user {g}",
                 f"topic write {topics.all_features(fleet)}",
                 f"topic write {topics.PREFIX}/{fleet}/+/{topics.STATUS}",
                 f"topic read {_results_filter(fleet)}",
+                *fleet_config.acl_lines(fleet, "gateway", g),
                 ""]
+    for o in operators:
+        out += [f"user {o}", *fleet_config.acl_lines(fleet, "operator", o), ""]
     return "\n".join(out)
 
 
@@ -459,7 +477,8 @@ def write_broker_config(out_dir, devices: Iterable[str], fleet: str = "default",
                         hostnames: Sequence[str] = ("localhost",), port: int = 8883, *, bind: str | None = None,
                         broker_dir=None, broker_user: str | None = "mosquitto", rotate: bool = False,
                         max_packet_size: int = DEFAULT_MAX_PACKET,
-                        max_queued_messages: int = 10000, gateways: Sequence[str] = ()) -> BrokerConfig:
+                        max_queued_messages: int = 10000, gateways: Sequence[str] = (),
+                        operators: Sequence[str] = ("operator",)) -> BrokerConfig:
     """Write a production Mosquitto configuration for ``devices`` of ``fleet`` into ``out_dir``.
 
     ``tls_cert``/``tls_key`` (and optionally ``ca``) use your own certificate instead of
@@ -472,6 +491,10 @@ def write_broker_config(out_dir, devices: Iterable[str], fleet: str = "default",
     if set(gws) & (set(devs) | set(cloud)) or len(set(gws)) != len(gws):
         raise UsageError(f"gateway names {', '.join(gws)} repeat or clash with a device or cloud user",
                          fix="give every broker user (device, cloud user, gateway) its own name")
+    ops = tuple(topics.check_id(o, "operator name") for o in operators)
+    if set(ops) & (set(devs) | set(cloud) | set(gws)) or len(set(ops)) != len(ops):
+        raise UsageError(f"operator names {', '.join(ops)} repeat or clash with another broker user",
+                         fix="give every broker user (device, cloud user, gateway, operator) its own name")
     hostnames = tuple(hostnames)
     if not hostnames or not all(isinstance(h, str) and h and not any(c.isspace() for c in h) for h in hostnames):
         raise UsageError(f"host names {hostnames!r} are not usable", fix="give the names devices dial, e.g. "
@@ -525,6 +548,11 @@ def write_broker_config(out_dir, devices: Iterable[str], fleet: str = "default",
         ca_pem = ca_crt_path.read_bytes()
         own = False
 
+    # --- the fleet's signing key for bundle announcements (every user gets its public half)
+    fleet_priv, fleet_pub, made = fleet_config.write_fleet_keys(out, rotate=rotate)
+    if made:
+        created.append("fleet signing key")
+
     # --- passwords: the plain text lives in each user's credential directory
     old_hashes: dict[str, str] = {}
     if (bdir / "passwd").is_file():
@@ -535,9 +563,10 @@ def write_broker_config(out_dir, devices: Iterable[str], fleet: str = "default",
     host = hostnames[0]
     url = f"mqtts://{'[' + host + ']' if ':' in host else host}:{port}"
     passwd_lines, new_pw = [], []
-    for role, users in (("device", devs), ("cloud", cloud), ("gateway", gws)):
+    for role, users in (("device", devs), ("cloud", cloud), ("gateway", gws), ("operator", ops)):
         for user in users:
-            cdir = out / {"device": "devices", "cloud": "cloud", "gateway": "gateways"}[role] / user
+            cdir = out / {"device": "devices", "cloud": "cloud", "gateway": "gateways", "operator": "operator"}[role] \
+                / user
             pw_file = cdir / "password"
             password = pw_file.read_text().strip() if pw_file.is_file() and not rotate else ""
             if not password:
@@ -550,14 +579,18 @@ def write_broker_config(out_dir, devices: Iterable[str], fleet: str = "default",
                 _write(cdir / "ca.crt", ca_pem)
             elif (cdir / "ca.crt").exists():
                 (cdir / "ca.crt").unlink()
+            _write(cdir / fleet_pub.name, fleet_pub.read_bytes())
             info = {"role": role, "fleet": fleet, "username": user, "broker_url": url,
-                    "password_file": "password", "ca_file": "ca.crt" if ca_pem is not None else None}
+                    "password_file": "password", "ca_file": "ca.crt" if ca_pem is not None else None,
+                    "fleet_key": fleet_pub.name}
             if role == "device":
                 info.update(device_id=user, client_id=f"edgesplit-{fleet}-{user}",
                             topics={"features": topics.features(fleet, user), "status": topics.status(fleet, user),
                                     "results": topics.results(fleet, user)})
             elif role == "gateway":
                 info.update(topics={"features": topics.all_features(fleet), "results": _results_filter(fleet)})
+            elif role == "operator":
+                info.update(signing_key=str(fleet_priv), client_id=f"edgesplit-{fleet}-operator-{user}")
             else:
                 info.update(topics={"features": topics.all_features(fleet),
                                     "results": _results_filter(fleet),
@@ -566,7 +599,7 @@ def write_broker_config(out_dir, devices: Iterable[str], fleet: str = "default",
     if new_pw:
         created.append(f"passwords for {_short_list(new_pw)}")
     _write(bdir / "passwd", "\n".join(passwd_lines) + "\n", 0o600)
-    _write(bdir / "acl", render_acl(fleet, devs, cloud, gws))
+    _write(bdir / "acl", render_acl(fleet, devs, cloud, gws, ops))
     (bdir / "data").mkdir(parents=True, exist_ok=True)
     conf = render_conf(installed, fleet=fleet, port=port, bind=bind, has_ca=ca_pem is not None,
                        broker_user=broker_user, max_packet_size=max_packet_size,
@@ -574,13 +607,15 @@ def write_broker_config(out_dir, devices: Iterable[str], fleet: str = "default",
     _write(bdir / CONF_NAME, conf)
     _chown_for_broker(bdir, broker_user)
 
-    stale = tuple(sorted(p.name for kind, keep in (("devices", devs), ("cloud", cloud), ("gateways", gws))
+    stale = tuple(sorted(p.name for kind, keep in (("devices", devs), ("cloud", cloud), ("gateways", gws),
+                                                   ("operator", ops))
                          if (out / kind).is_dir() for p in (out / kind).iterdir()
                          if p.is_dir() and p.name not in keep))
     result = BrokerConfig(out_dir=out, broker_dir=bdir, installed_dir=installed, conf_path=bdir / CONF_NAME,
                           fleet=fleet, port=port, hostnames=hostnames, broker_url=url, devices=devs,
                           cloud_users=cloud, ca_path=(bdir / "ca.crt") if ca_pem is not None else None,
-                          own_certificate=own, created=tuple(created), stale=stale, gateways=gws)
+                          own_certificate=own, created=tuple(created), stale=stale, gateways=gws, operators=ops,
+                          fleet_key=fleet_priv)
     log.info("wrote %s", result.conf_path)
     return result
 

@@ -187,6 +187,9 @@ def add_broker(sub):
     c.add_argument("--ca", default=None, metavar="PEM",
                    help="with --tls-cert: the CA clients should trust (default: their system trust store); "
                         "with --bridge: the CA of the cloud broker's certificate")
+    c.add_argument("--operator", action="extend", nargs="+", dest="operators", metavar="USER",
+                   help="the fleet operator's user: publishes bundle updates, reads every device's report "
+                        "(default: operator; docs/fleet.md)")
     c.add_argument("--gateway", action="extend", nargs="+", dest="gateways", metavar="NAME",
                    help="a user for an edge broker's bridge (writes the fleet's features and status, reads its "
                         "results); with --bridge: this bridge's name (default: the URL's user)")
@@ -238,7 +241,7 @@ def run_broker_config(args) -> int:
                               cloud_users=args.cloud_users, hostnames=args.hostnames, port=args.config_port,
                               bind=args.bind, tls_cert=args.tls_cert, tls_key=args.tls_key, ca=args.ca,
                               broker_dir=args.broker_dir, rotate=args.rotate, gateways=args.gateways,
-                              bridge=args.bridge, password_file=args.password_file)
+                              bridge=args.bridge, password_file=args.password_file, operators=args.operators)
     print(result.summary())
     return 0
 
@@ -339,8 +342,9 @@ def run_flash(args) -> int:
 
 def add_cloud(sub):
     p = sub.add_parser("cloud", help="run cloud workers: receive feature frames, run the tail, answer")
-    p.add_argument("--bundle", required=True, nargs="+", metavar="B",
-                   help="bundle directories or .tar.gz files to serve (frames name their bundle by id)")
+    p.add_argument("--bundle", default=[], nargs="+", metavar="B",
+                   help="bundle directories or .tar.gz files to serve (frames name their bundle by id); with "
+                        "--fleet-key also those the fleet's operator announces")
     p.add_argument("--broker", required=True, metavar="URL",
                    help="the MQTT broker answers go to (and, without --source, frames come from): "
                         "mqtt://host:port or mqtts://user:pass@host:8883")
@@ -366,6 +370,18 @@ def add_cloud(sub):
                         "frame, refuse unknown devices and replays")
     p.add_argument("--replay-window", type=float, default=120.0, metavar="S",
                    help="with --keys: refuse frames sent more than S seconds from now, and repeats (default 120)")
+    p.add_argument("--fleet-key", default=None, metavar="PUB",
+                   help="the fleet's public key (fleet.pub from `edgesplit broker config`): load the tails of "
+                        "announced bundles without a restart (docs/fleet.md)")
+    p.add_argument("--bundle-cache", default=None, metavar="DIR",
+                   help="with --fleet-key: where announced bundles are unpacked (default "
+                        "$EDGESPLIT_CACHE/cloud-bundles, else ~/.cache/edgesplit/cloud-bundles)")
+    p.add_argument("--tail-idle", type=float, default=3600.0, metavar="S",
+                   help="with --fleet-key: drop a tail no frame has named for S seconds (default 3600)")
+    p.add_argument("--metrics-port", type=int, default=0, metavar="PORT",
+                   help="serve Prometheus metrics on PORT (worker i of --workers on PORT + i; default 0: off)")
+    p.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDR",
+                   help="address of the metrics port (default 127.0.0.1)")
     p.add_argument("--json", action="store_true", help="print the counters at exit as JSON instead of a summary")
     p.set_defaults(func=run_cloud)
 
@@ -376,10 +392,16 @@ def run_cloud(args) -> int:
     from protocol.mqtt import read_password_file
 
     password = read_password_file(args.password_file) if args.password_file else None
+    follow = None
+    if args.fleet_key:
+        cache = args.bundle_cache or os.path.join(os.environ.get("EDGESPLIT_CACHE") or
+                                                  os.path.expanduser("~/.cache/edgesplit"), "cloud-bundles")
+        follow = dict(keys=args.fleet_key, cache_dir=cache, idle_s=args.tail_idle)
     result = worker.serve(args.bundle, args.broker, workers=args.workers, group=args.group, fleet=args.fleet,
                           max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, stats_every=args.stats_every,
                           num_threads=args.threads, keys=args.keys, replay_window_s=args.replay_window,
-                          password=password, source=args.source)
+                          password=password, source=args.source, follow=follow,
+                          metrics=(args.metrics_host, args.metrics_port) if args.metrics_port else None)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
     return 0
 
@@ -710,8 +732,74 @@ def run_plan(args) -> int:
     return 0
 
 
+def add_fleet(sub):
+    p = sub.add_parser("fleet", help="publish a bundle to a fleet over MQTT (signed, canaries first), roll back, "
+                                     "watch the fleet (docs/fleet.md)")
+    fsub = p.add_subparsers(dest="fleet_verb", metavar="ACTION")
+    fsub.required = True
+
+    def access(q):
+        q.add_argument("--fleet", required=True, help="the fleet id")
+        q.add_argument("--config", default=None, metavar="SITE",
+                       help="the --out directory of `edgesplit broker config`: its operator user and signing key")
+        q.add_argument("--broker", default=None, metavar="URL", help="the broker (default: SITE's)")
+        q.add_argument("--credentials", default=None, metavar="DIR",
+                       help="the operator's directory (SITE/operator/<user>/: broker.json, password, ca.crt)")
+        q.add_argument("--key", default=None, metavar="FILE", help="the fleet's signing key (SITE/fleet/fleet.key)")
+
+    q = fsub.add_parser("publish", help="announce a bundle: the whole fleet, some devices, or canaries first")
+    q.add_argument("bundle", metavar="BUNDLE", help="bundle directory or .tar.gz (from `edgesplit convert`)")
+    access(q)
+    who = q.add_mutually_exclusive_group()
+    who.add_argument("--devices", nargs="+", default=None, metavar="ID", help="announce to these devices only")
+    who.add_argument("--canary", type=int, default=None, metavar="N",
+                     help="announce to N online devices first; go on to the fleet once they are healthy")
+    q.add_argument("--url", default=None, metavar="URL",
+                   help="the devices fetch the .tar.gz from this http(s):// or file:// URL instead of MQTT chunks")
+    q.add_argument("--chunk-size", type=int, default=64 * 1024, metavar="BYTES", help="MQTT chunk size (64 KiB)")
+    q.add_argument("--max-error-rate", type=float, default=0.05, metavar="F",
+                   help="halt when a canary's errors exceed this fraction of its requests (default 0.05)")
+    q.add_argument("--soak", type=float, default=30.0, metavar="S",
+                   help="seconds a healthy canary is watched before the fleet follows (default 30)")
+    q.add_argument("--timeout", type=float, default=900.0, metavar="S", help="give up waiting after S s (900)")
+    q.add_argument("--no-wait", action="store_true", help="announce and return; do not wait for the devices")
+    q.set_defaults(func=run_fleet)
+    q = fsub.add_parser("rollback", help="return every device to the bundle before the newest announcement")
+    access(q)
+    q.add_argument("--timeout", type=float, default=300.0, metavar="S", help="give up waiting after S s (300)")
+    q.add_argument("--no-wait", action="store_true", help="announce and return")
+    q.set_defaults(func=run_fleet)
+    q = fsub.add_parser("status", help="the fleet's table: availability, bundle, update state, last seen, outbox, "
+                                       "requests/s, p95 latency, errors")
+    access(q)
+    q.add_argument("--watch", type=float, default=0.0, metavar="S", help="print it again every S seconds")
+    q.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    q.set_defaults(func=run_fleet)
+
+
+def run_fleet(args) -> int:
+    from deploy import fleet
+
+    access = fleet.FleetAccess.find(config=args.config, broker=args.broker, credentials=args.credentials,
+                                    key=args.key)
+    if args.fleet_verb == "status":
+        fleet.status(args.fleet, access, watch=args.watch, as_json=args.json)
+        return 0
+    if args.fleet_verb == "rollback":
+        result = fleet.rollback(args.fleet, access, timeout_s=args.timeout, wait=not args.no_wait)
+    else:
+        result = fleet.publish(args.bundle, args.fleet, access, devices=args.devices, canary=args.canary,
+                               url=args.url, chunk_size=args.chunk_size, max_error_rate=args.max_error_rate,
+                               soak_s=args.soak, timeout_s=args.timeout, wait=not args.no_wait)
+    print(result.table)
+    if not result.ok:
+        print(f"edgesplit fleet {args.fleet_verb}: {result.halted}", file=sys.stderr)
+        return 1
+    return 0
+
+
 VERBS = [add_train, add_cuts, add_convert, add_demo, add_broker, add_device, add_flash, add_cloud, add_audit, add_iplane,
-         add_harden, add_bundle, add_doctor, add_profile, add_plan]
+         add_harden, add_bundle, add_doctor, add_profile, add_plan, add_fleet]
 
 
 class _Subparsers(argparse._SubParsersAction):
