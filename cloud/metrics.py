@@ -105,7 +105,8 @@ class WorkerMetrics:
         g = GaugeMetricFamily("edgesplit_worker_bundles_loaded", "Tails in memory.", labels=["worker"])
         g.add_metric(me, len(ids))
         yield g
-        g = GaugeMetricFamily("edgesplit_worker_bundle_loaded", "1 for each bundle served.", labels=["worker", "bundle"])
+        g = GaugeMetricFamily("edgesplit_worker_bundle_loaded", "1 for each bundle served.",
+                              labels=["worker", "bundle"])
         for bid in ids:
             g.add_metric(me + [bid], 1)
         yield g

@@ -88,7 +88,8 @@ class FleetAccess:
                                  fix="give SITE/operator/<user>/ (devices and cloud users cannot publish bundles)")
         url = broker or info.get("broker_url")
         if not url:
-            raise UsageError("no broker given", fix="pass --config SITE (from `edgesplit broker config`) or --broker URL")
+            raise UsageError("no broker given",
+                             fix="pass --config SITE (from `edgesplit broker config`) or --broker URL")
 
         def inside(name):
             return str(cdir / name) if cdir is not None and name and (cdir / name).is_file() else None
@@ -268,7 +269,8 @@ def _wait_active(view: FleetView, devices: list[str] | None, bundle_id: str, seq
     def settled(v: FleetView) -> bool:
         ds = [v.devices[d] for d in devices if d in v.devices] if devices else \
             [d for d in v.reported() if d.status == "online" and d.report is not None]
-        return all(d.bundle == bundle_id or _failed(d.report, bundle_id, seq) for d in ds) and \
+        return all((d.bundle == bundle_id and d.report.healthy) or _failed(d.report, bundle_id, seq)
+                   for d in ds) and \
             (devices is None or len(ds) == len(devices))
 
     if not view.wait(settled, timeout_s):

@@ -145,6 +145,8 @@ class DeviceConfig:
                                "bundle back during its probation", minimum=1)
     probation_seconds: float = _setting(120.0, "update", "float", "a probation without a failure ends after this "
                                         "long even without traffic", minimum=1.0)
+    download_stall: float = _setting(120.0, "update", "float", "seconds without a new chunk (while connected) "
+                                     "after which a download is refused as truncated", minimum=1.0)
 
     path: Path | None = None          # the file it was read from
 

@@ -82,17 +82,16 @@ class Updater:
     """Takes bundle updates for one agent (see the module docstring).
 
     ``config``: a :class:`~device.config.DeviceConfig` (``probation``, ``max_errors``,
-    ``probation_seconds``, ``report_interval``, ``threads``, ``interpreter``); ``store``: the
-    opened :class:`BundleStore`; ``keys``: the fleet's public key(s).
+    ``probation_seconds``, ``download_stall``, ``report_interval``, ``threads``, ``interpreter``);
+    ``store``: the opened :class:`BundleStore`; ``keys``: the fleet's public key(s).
     """
 
-    def __init__(self, config, store: BundleStore, keys, *, stall_s: float = transfer.DEFAULT_STALL_S,
-                 window: int = transfer.DEFAULT_WINDOW):
+    def __init__(self, config, store: BundleStore, keys, *, window: int = transfer.DEFAULT_WINDOW):
         self.config = config
         self.device_id, self.fleet = config.device_id, config.fleet
         self.store = store
         self.keys = keys if isinstance(keys, list) else [keys]
-        self.stall_s, self.window = stall_s, window
+        self.window = window
         self.agent = None
         self._inbox: queue.Queue = queue.Queue()
         self._latest: dict[str, announce.Announcement] = {}     # topic -> newest valid announcement
@@ -361,7 +360,7 @@ class Updater:
                 self.publish_report()
 
         tarball = transfer.fetch(self.agent.client, self.fleet, part, stop=self._stop, on_progress=progress,
-                                 window=self.window, stall_s=self.stall_s)
+                                 window=self.window, stall_s=self.config.download_stall)
         if tarball is None:
             return None
         self._set(detail="verify")

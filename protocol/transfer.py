@@ -143,8 +143,9 @@ def clear_chunks(client, fleet: str, ref: BundleRef) -> None:
 
 # --------------------------------------------------------------------------- the receiver's side
 
-def fetch_mqtt(client, fleet: str, part: PartFile, *, window: int = DEFAULT_WINDOW, stall_s: float = DEFAULT_STALL_S,
-               stop: threading.Event | None = None, on_progress: Callable[[PartFile], None] | None = None) -> Path | None:
+def fetch_mqtt(client, fleet: str, part: PartFile, *, window: int = DEFAULT_WINDOW,
+               stall_s: float = DEFAULT_STALL_S, stop: threading.Event | None = None,
+               on_progress: Callable[[PartFile], None] | None = None) -> Path | None:
     """Fill ``part`` from the retained chunk topics; the finished archive, or None when ``stop`` was set."""
     got: queue.Queue = queue.Queue()
     prefix = topics.chunks_filter(fleet, part.ref.bundle_id)[:-1]

@@ -133,3 +133,131 @@ def test_a_published_bundle_is_fetched_checked_switched_to_and_every_input_answe
     assert dev.stop() == 0
     out = cloud.stop()
     assert out["total"]["dead_lettered"] == 0, out
+
+
+def _operator(access):
+    client = access.client()
+    assert client.start(wait_connected=10)
+    return client
+
+
+def _ref(bundles, name, **kw):
+    from protocol.announce import bundle_ref
+    from protocol.manifest import load_bundle
+
+    return bundle_ref(load_bundle(bundles / name), bundles / f"{name}.tar.gz", **kw)
+
+
+def _announcement(ref, **kw):
+    from protocol.announce import Announcement
+
+    return Announcement(fleet=FLEET, seq=time.time_ns() // 1000, issued_us=time.time_ns() // 1000, action="install",
+                        bundle_id=ref.bundle_id, bundle=ref, **kw)
+
+
+def _refused(access, reason, target=None, timeout=60):
+    def got():
+        r = report(access, "pi-001", timeout=1.0)
+        return r if r is not None and r.state == "refused" and r.reason == reason and \
+            (target is None or r.target == target) else None
+    return wait_for(got, timeout, f"pi-001 to report refused {reason}")
+
+
+def test_a_bad_signature_a_wrong_sha256_a_failing_self_test_another_input_and_a_cut_stream_are_refused(
+        site, bundles, devices, fleet_access, cloud_command, tmp_path):
+    """Each is refused with its reason on the report; bundle a serves all along; no input is lost."""
+    from deploy import fleet
+    from protocol import announce, topics, transfer
+
+    ids = _ids(bundles)
+    a = next(k for k, v in ids.items() if v == "a")
+    cloud = cloud_command(f"mqtts://localhost:{site.port}", bundles / "a", *cloud_args(site, tmp_path / "cache"))
+    cloud.wait_ready()
+    dev = devices(update={"download_stall": 3.0}).start()
+    signer = fleet_access.signer()
+    op = _operator(fleet_access)
+    d = topics.delivery(topics.ANNOUNCE)
+    try:
+        with Feeder([dev], period=0.3):
+            wait_for(lambda: len(dev.answered()) >= 3, 60, "first answers")
+            ref = _ref(bundles, "b")
+            transfer.publish_chunks(op, FLEET, ref, bundles / "b.tar.gz")
+
+            # 1. a signed announcement altered on the way: its body no longer matches the signature
+            env = json.loads(announce.encode(_announcement(ref), signer))
+            env["body"] = env["body"].replace('"action":"install"', '"action":"rollback"')
+            op.publish(topics.fleet_announce(FLEET), json.dumps(env).encode(), qos=1, retain=True).wait(10)
+            rep = _refused(fleet_access, "bad-signature")
+            assert "does not verify" in rep.detail
+
+            # 2. a properly signed announcement whose archive sha256 is not the archive's
+            wrong = announce.BundleRef(**{**{f: getattr(ref, f) for f in ref.__struct_fields__}, "sha256": "0" * 64})
+            op.publish(topics.fleet_announce(FLEET), announce.encode(_announcement(wrong), signer), qos=d.qos,
+                       retain=True).wait(10)
+            rep = _refused(fleet_access, "bad-sha256", ref.bundle_id)
+            assert "does not match the sha256" in rep.detail
+
+            # 3. a head that does not give its probe's features
+            result = fleet.publish(bundles / "bad", FLEET, fleet_access, timeout_s=60, say=print)
+            assert not result.ok and "self-test" in result.halted, result.summary()
+            rep = _refused(fleet_access, "self-test")
+            assert "does not match its probe" in rep.detail
+
+            # 4. a bundle made for another model input (16x16)
+            result = fleet.publish(bundles / "wide", FLEET, fleet_access, timeout_s=60, say=print)
+            assert not result.ok and "input-mismatch" in result.halted, result.summary()
+
+            # 5. a chunk stream cut short: 10 of its 33 chunks were ever published
+            transfer.clear_chunks(op, FLEET, ref)
+            small = _ref(bundles, "b", chunk_size=1024)
+            data = (bundles / "b.tar.gz").read_bytes()
+            for i in range(10):
+                op.publish(topics.chunk(FLEET, small.bundle_id, i), data[i * 1024:(i + 1) * 1024], qos=1,
+                           retain=True)
+            op.publish(topics.fleet_announce(FLEET), announce.encode(_announcement(small), signer), qos=1,
+                       retain=True).wait(10)
+            rep = _refused(fleet_access, "truncated", small.bundle_id)
+            assert "10 of 33 chunks" in rep.detail
+            n = len(dev.fed)
+            wait_for(lambda: len(dev.answered()) >= n, 30, "answers after the refusals")
+    finally:
+        op.stop()
+    wait_for(lambda: len(dev.answered()) >= len(dev.fed), 60, "the last answers")
+    assert dev.current() == a and report(fleet_access, "pi-001").bundle == a
+    by = check_answers(dev, bundles, ids)
+    assert set(by) == {a}, by
+    assert dev.stop() == 0
+    cloud.stop()
+
+
+def test_a_bundle_whose_answers_fail_is_rolled_back_and_its_inputs_answered_by_the_old_one(
+        site, bundles, devices, fleet_access, cloud_command, tmp_path):
+    """The cloud does not serve the new bundle (a worker that follows no announcements): its frames are
+    dead-lettered, the device rolls back by itself and runs those inputs again with bundle a."""
+    from deploy import fleet
+
+    ids = _ids(bundles)
+    a = next(k for k, v in ids.items() if v == "a")
+    b = next(k for k, v in ids.items() if v == "b")
+    c = site.out_dir / "cloud" / "cloud"
+    cloud = cloud_command(f"mqtts://cloud@localhost:{site.port}?ca={c / 'ca.crt'}", bundles / "a",
+                          "--password-file", str(c / "password"))
+    cloud.wait_ready()
+    dev = devices().start()
+    with Feeder([dev], period=0.2):
+        wait_for(lambda: len(dev.answered()) >= 3, 60, "first answers")
+        result = fleet.publish(bundles / "b", FLEET, fleet_access, timeout_s=90, say=print)
+        assert not result.ok and "rolled-back answers-failed" in result.halted, result.summary()
+        rep = report(fleet_access, "pi-001")
+        assert rep.state == "rolled-back" and rep.target == b and rep.bundle == a, rep
+        assert "dead letter unknown-bundle" in rep.detail
+        n = len(dev.fed)
+        wait_for(lambda: len(dev.answered()) >= n, 60, "answers after the rollback")
+    wait_for(lambda: len(dev.answered()) >= len(dev.fed), 60, "the last answers")
+    by = check_answers(dev, bundles, ids)
+    assert set(by) == {a}, by                       # the inputs first sent with b were run again with a
+    assert dev.current() == a
+    assert "re-running" in dev.log_text()
+    dev.stop()
+    out = cloud.stop()
+    assert out["total"]["reasons"].get("unknown-bundle", 0) >= 3, out
