@@ -210,7 +210,9 @@ class BundleStore:
             # first start, or a new bundle installed by hand (a new device package): it runs now
             self._adopt(factory)
             if self.current_id != factory.bundle_id:
-                self.switch(factory.bundle_id)
+                if self.current_id is not None:
+                    self._set_link("previous", self.current_id)
+                self._set_link("current", factory.bundle_id)
             self.state["factory"] = factory.bundle_id
             self.state.pop("probation", None)
             self.save()

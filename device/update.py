@@ -204,9 +204,9 @@ class Updater:
         rollback = ann.action == "rollback"
         if not rollback:
             self.store.state["probation"] = {"bundle": bundle.bundle_id, "since_us": now_us(), "from": old}
-        self.store.state["applied_seq"] = ann.seq
         # a rollback keeps no previous: the bundle it leaves is the one that failed
         self.store.switch(bundle.bundle_id, previous=None if rollback else BundleStore.KEEP)
+        self.store.state["applied_seq"] = ann.seq        # only once switched: a switch cut short is done again
         self._previous = (agent.bundle, agent.head)
         agent.use_bundle(bundle, head)
         self.probation = None if rollback else self._new_probation(bundle.bundle_id)

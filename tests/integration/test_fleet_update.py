@@ -261,3 +261,42 @@ def test_a_bundle_whose_answers_fail_is_rolled_back_and_its_inputs_answered_by_t
     dev.stop()
     out = cloud.stop()
     assert out["total"]["reasons"].get("unknown-bundle", 0) >= 3, out
+
+
+@pytest.mark.parametrize("step", ["download", "verified", "switch"])
+def test_a_device_killed_during_an_update_restarts_on_one_complete_bundle_and_finishes_it(
+        step, site, bundles, devices, fleet_access, cloud_command, tmp_path):
+    """kill -9 (the device kills itself at the step: EDGESPLIT_FAILPOINTS) while fetching, after the
+    archive is verified and unpacked, and between the two renames of the switch."""
+    from deploy import fleet
+    from protocol.manifest import load_bundle
+
+    ids = _ids(bundles)
+    a = next(k for k, v in ids.items() if v == "a")
+    b = next(k for k, v in ids.items() if v == "b")
+    cloud = cloud_command(f"mqtts://localhost:{site.port}", bundles / "a", *cloud_args(site, tmp_path / "cache"))
+    cloud.wait_ready()
+    dev = devices().start(EDGESPLIT_FAILPOINTS=f"update:{step}")
+    with Feeder([dev], period=0.2):
+        wait_for(lambda: len(dev.answered()) >= 3, 60, "first answers")
+        # small chunks, so that the download has a middle to be killed in
+        fleet.publish(bundles / "b", FLEET, fleet_access, chunk_size=4096, wait=False, say=print)
+        assert dev.proc.wait(60) == -9, dev.log_text()[-2000:]
+        assert f"failpoint update:{step}" in dev.log_text()
+        incoming = list((dev.state / "bundles" / "incoming").iterdir())
+        assert dev.current() == a                     # the kill left the old bundle active
+        load_bundle(dev.state / "bundles" / "current")     # and complete: every sha256 checks
+        if step == "download":
+            assert any(p.name.endswith(".part") for p in incoming), incoming
+        if step in ("verified", "switch"):
+            assert (dev.state / "bundles" / "store" / b / "manifest.json").is_file()
+        dev.start()                                   # as systemd would, without the failpoint
+        wait_for(lambda: (r := report(fleet_access, "pi-001", 1.0)) and r.bundle == b and r.healthy, 90,
+                 "the restarted device to finish the update")
+    wait_for(lambda: len(dev.answered()) >= len(dev.fed), 60, "the last answers")
+    assert dev.current() == b and load_bundle(dev.state / "bundles" / "current").bundle_id == b
+    assert not list((dev.state / "bundles" / "staging").iterdir())
+    by = check_answers(dev, bundles, ids)            # inputs of the killed run were answered after the restart
+    assert by.get(a, 0) >= 3 and by.get(b, 0) >= 1, by
+    dev.stop()
+    cloud.stop()
