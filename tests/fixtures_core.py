@@ -1,7 +1,7 @@
 """The core path's components, and what a test does when one is missing: :func:`require`.
 
 ``require("mosquitto")`` (or ``"mosquitto_passwd"``, ``"tensorflow"``, ``"litert"``, ``"mnist"``,
-``"nats-server"``, ``"nats-py"``)
+``"nats-server"``, ``"nats-py"``, ``"cryptography"``, ``"prometheus-client"``, ``"prometheus"``)
 returns the component (the binary's path, the module, the dataset).  When it is missing, a
 developer's run skips the test with the component's name and how to install it; under CI
 (``CI=true``, as CI services and ``.ci/run`` set it) the test fails instead, so a CI machine
@@ -47,6 +47,12 @@ def _nats_server():
     return path, None
 
 
+def _prometheus():
+    path = shutil.which("prometheus") or ("/usr/bin/prometheus" if os.access("/usr/bin/prometheus", os.X_OK) else None)
+    return path, None if path else ("the prometheus binary is not installed: sudo apt-get install prometheus "
+                                    "— .ci/run installs it")
+
+
 def _module(name, install):
     def find():
         try:
@@ -74,6 +80,9 @@ _FIND = {
     "mnist": _mnist,
     "nats-server": _nats_server,
     "nats-py": _module("nats", "pip install -e '.[test]' (nats-py is in the cloud extra)"),
+    "cryptography": _module("cryptography", "pip install -e '.[test]' (it signs and checks bundle announcements)"),
+    "prometheus-client": _module("prometheus_client", "pip install -e '.[test]' (prometheus-client)"),
+    "prometheus": _prometheus,
 }
 #: the names :func:`require` knows
 CORE = tuple(_FIND)

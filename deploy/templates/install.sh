@@ -122,7 +122,7 @@ if [ "$LOCAL" != 1 ]; then
 fi
 
 # ------------------------------------------------------------------ apt
-APT_PKGS=(python3-venv python3-numpy python3-pil)
+APT_PKGS=(python3-venv python3-numpy python3-pil python3-cryptography)   # cryptography: signed bundle updates
 if [ "$EDGESPLIT_PKG_CAMERA" = 1 ]; then APT_PKGS+=(python3-picamera2); fi
 if [ "$LOCAL" = 1 ]; then
     skip "apt-get install ${APT_PKGS[*]}"

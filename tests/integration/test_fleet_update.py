@@ -16,7 +16,7 @@ import pytest
 
 from fixtures_core import require
 
-pytest.importorskip("cryptography")
+require("cryptography")
 pytestmark = pytest.mark.timeout(600)
 
 from fleet_bundles import fleet_bundles  # noqa: E402

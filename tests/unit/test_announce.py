@@ -7,7 +7,9 @@ import os
 
 import pytest
 
-pytest.importorskip("cryptography")
+from fixtures_core import require
+
+require("cryptography")
 
 from protocol import announce, topics, transfer  # noqa: E402
 from protocol.errors import UpdateError, UpdateReason  # noqa: E402
