@@ -376,7 +376,8 @@ def bundle_for(model_name: str, cut: str, quant: str = "int8") -> Path:
             try:
                 from protocol.manifest import load_bundle
 
-                load_bundle(out)
+                if load_bundle(out).manifest.probe is None:
+                    raise ValueError("made before bundles carried their self-test probe")
                 return out
             except Exception as exc:  # damaged or from an older converter: build again
                 log.warning("rebuilding %s: %s", out, exc)

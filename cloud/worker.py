@@ -323,13 +323,13 @@ class Worker:
                 served = self.registry.lookup(frame)
                 tensor = served.check(frame)
             except FrameError as exc:
+                detail = exc.message
                 if exc.reason is Reason.UNKNOWN_BUNDLE and self.follower is not None:
                     if self.follower.park(Parked(item, where, reply, frame, time.monotonic())):
                         continue                    # announced, still loading: answered once it is
                     why = self.follower.why_not(frame.bundle_id)
-                    if why:
-                        exc = FrameError(Reason.UNKNOWN_BUNDLE, f"bundle {frame.bundle_id} is not served here: {why}")
-                self._dead_letter(item, where, exc.reason, exc.message)
+                    detail = f"bundle {frame.bundle_id} is not served here: {why}" if why else detail
+                self._dead_letter(item, where, exc.reason, detail)
                 continue
             except Exception as exc:  # a decoder bug must not take the worker down
                 log.exception("unexpected error on a frame from %s", item.topic)

@@ -90,7 +90,7 @@ class Reason(str, enum.Enum):
     REPLAY = "replay", "signing"
     # the cloud registry: does the frame fit a bundle served here (and bad-dtype, -shape, -quantization)
     WRONG_KIND = "wrong-kind", "registry"
-    UNKNOWN_BUNDLE = "unknown-bundle", "registry"
+    UNKNOWN_BUNDLE = "unknown-bundle", "registry", "worker"
     # the worker: where the frame arrived, and its own failures
     BAD_TOPIC = "bad-topic", "worker"
     DEVICE_MISMATCH = "device-mismatch", "worker"

@@ -97,7 +97,12 @@ def test_convert_writes_a_bundle_that_agrees_with_keras(which, cut, quant, seq_m
     assert result.bundle_dir == out and result.tarball == tmp_path / f"{out.name}.tar.gz"
     b = mf.load_bundle(out)
     assert b.manifest == m and mf.load_bundle(result.tarball).bundle_id == m.bundle_id
-    assert set(m.files) == {"head.tflite", "tail.tflite"}
+    assert set(m.files) == {"head.tflite", "tail.tflite", "probe.npz"} and m.probe.file == "probe.npz"
+    # the self-test a device runs on the head and a worker on the tail before they switch to it
+    from runtime.probe import check_head, check_tail
+    from runtime.split import Head, Tail
+
+    assert check_head(Head(b), b).ok and check_tail(Tail(b), b).ok
     assert (m.model, m.cut, m.quant) == (model.name, cut, quant)
     assert m.labels == datasets.SYNTHETIC_LABELS
     assert m.output.kind == ("probabilities" if which == "seq" else "logits")
