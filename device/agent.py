@@ -52,7 +52,7 @@ from device import sources
 from device.config import DeviceConfig
 from device.outbox import OutboxEntry, OutboxFull, SqliteOutbox
 from device.results import AgentStats, DeviceResult
-from device.switching import BundleSwitching, NoUpdates
+from device.switching import BundleSwitching
 from protocol import topics
 from protocol.errors import FrameError, Reason, UsageError
 from protocol.frame import RESULT, Frame, decode_frame, encode_frame, now_us
@@ -135,11 +135,7 @@ class DeviceAgent(BundleSwitching):
         self._t_start = 0.0
         self.client = client
         self.client.subscribe(self.results_topic, self._on_message, qos=topics.delivery(topics.RESULTS).qos)
-        self.manifests = {self.bundle.bundle_id: self.manifest}    # of every bundle a pending request was made with
-        self._held: list[tuple[int, _Pending, DeviceResult]] = []  # failed answers of a bundle on probation
-        self.updater = updater if updater is not None else NoUpdates()
-        self.updater.attach(self)
-        self.on_stop: list = []                 # called once the agent has stopped (e.g. its metrics page)
+        self._init_updates(updater)             # device.switching: manifests, held answers, the updater
 
     # ------------------------------------------------------------- the network
     def _on_message(self, topic: str, payload: bytes) -> None:

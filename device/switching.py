@@ -46,7 +46,14 @@ class NoUpdates:
 
 
 class BundleSwitching:
-    """Mixed into :class:`~device.agent.DeviceAgent` (uses its ``_pending``, ``_held``, ``outbox``)."""
+    """Mixed into :class:`~device.agent.DeviceAgent` (uses its ``_pending``, ``outbox``, ``_submit_batch``)."""
+
+    def _init_updates(self, updater) -> None:
+        self.manifests = {self.bundle.bundle_id: self.manifest}   # of every bundle a pending request was made with
+        self._held: list = []                   # (request id, pending, result): failed answers held in a probation
+        self.updater = updater if updater is not None else NoUpdates()
+        self.on_stop: list = []                 # called once the agent has stopped (e.g. its metrics page)
+        self.updater.attach(self)
 
     def use_bundle(self, bundle, head) -> None:
         """Run ``bundle`` from the next batch on; requests already sent keep theirs."""
