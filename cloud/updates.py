@@ -75,6 +75,7 @@ class BundleFollower:
         self._failed: dict[str, str] = {}                    # bundle id -> why it could not be loaded
         self._current: dict[str, str] = {}                   # fleet -> its announced bundle (never dropped)
         self._parked: dict[str, list[Parked]] = {}
+        self._dropped: dict = {}                             # bundle id -> the Bundle whose tail was dropped
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -109,7 +110,8 @@ class BundleFollower:
         if getattr(parked.item, "token", None) is not None:
             return False
         with self._lock:
-            if bid in self._failed or not (bid in self._coming or (self.cache / bid).is_dir()):
+            if bid in self._failed or not (bid in self._coming or bid in self._dropped
+                                           or (self.cache / bid).is_dir()):
                 return False
             rows = self._parked.setdefault(bid, [])
             if sum(len(v) for v in self._parked.values()) >= MAX_PARKED:
@@ -162,7 +164,7 @@ class BundleFollower:
 
         reg = self.worker.registry
         try:
-            bundle = self._fetch(bid, fleet, ref)
+            bundle = self._dropped.pop(bid, None) or self._fetch(bid, fleet, ref)
             if bundle is None:
                 return
             tail = reg.open_tail(bundle)
@@ -223,6 +225,7 @@ class BundleFollower:
                 continue
             if now - served.last_used >= self.idle_s:
                 reg.remove(bid)
+                self._dropped[bid] = served.bundle          # its files stay: a frame naming it loads it again
                 self.dropped += 1
                 log.info("worker %s: dropped the tail of bundle %s (no frame for %.0f s)", self.worker.name, bid,
                          now - served.last_used)
