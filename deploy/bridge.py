@@ -105,7 +105,13 @@ def render_bridge_conf(installed: Path, *, fleet: str, gateway: str, cloud, list
               "notifications_local_only true",
               f"topic {topics.all_features(fleet)} out 1",
               f"topic {topics.PREFIX}/{fleet}/+/{topics.STATUS} out 1",
-              f"topic {topics.PREFIX}/{fleet}/+/{topics.RESULTS} in 1"]
+              f"topic {topics.PREFIX}/{fleet}/+/{topics.RESULTS} in 1",
+              # bundle updates (docs/fleet.md): announcements and chunks in, reports out, dead letters in
+              f"topic {topics.fleet_announce(fleet)} in 1",
+              f"topic {topics.all_of(topics.ANNOUNCE, fleet)} in 1",
+              f"topic {topics.PREFIX}/{fleet}/{topics.CHUNK}/# in 1",
+              f"topic {topics.all_dead_letters(fleet)} in 1",
+              f"topic {topics.all_of(topics.REPORT, fleet)} out 1"]
     if cloud.username is not None:
         lines.append(f"remote_username {cloud.username}")
         if cloud.password is not None:

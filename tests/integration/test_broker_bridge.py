@@ -37,7 +37,9 @@ def test_bridge_config_and_the_cloud_side_gateway_user(tmp_path):
     assert conf.stat().st_mode & 0o777 == 0o600                  # it holds the bridge's password
     for line in ("listener 1883 127.0.0.1", "persistence true", "cleansession false", "address broker.example:8883",
                  "topic edgesplit/v1/lab/+/features out 1", "topic edgesplit/v1/lab/+/status out 1",
-                 "topic edgesplit/v1/lab/+/results in 1", "remote_username gw-01", "remote_password s3cret",
+                 "topic edgesplit/v1/lab/+/results in 1", "topic edgesplit/v1/lab/announce in 1",
+                 "topic edgesplit/v1/lab/bundle/# in 1", "topic edgesplit/v1/lab/+/report out 1",
+                 "remote_username gw-01", "remote_password s3cret",
                  f"bridge_cafile {tmp_path / 'edge' / 'edge' / 'cloud-ca.crt'}", "bridge_insecure false"):
         assert line in text.splitlines(), line
     assert "edge broker configuration for fleet 'lab'" in done.stdout
@@ -46,7 +48,11 @@ def test_bridge_config_and_the_cloud_side_gateway_user(tmp_path):
     assert done.returncode == 0, done.stderr
     acl = (tmp_path / "cloud" / "broker" / "acl").read_text().split("user gw-01\n", 1)[1].split("\n\n")[0]
     assert acl.splitlines() == ["topic write edgesplit/v1/lab/+/features", "topic write edgesplit/v1/lab/+/status",
-                                "topic read edgesplit/v1/lab/+/results"]
+                                "topic read edgesplit/v1/lab/+/results",
+                                # bundle updates: what the devices behind it read and write (docs/fleet.md)
+                                "topic read edgesplit/v1/lab/announce", "topic read edgesplit/v1/lab/+/announce",
+                                "topic read edgesplit/v1/lab/bundle/#", "topic read edgesplit/v1/lab/+/dead-letter",
+                                "topic write edgesplit/v1/lab/+/report"]
     assert (tmp_path / "cloud" / "gateways" / "gw-01" / "password").is_file()
     done = _config("--bridge", "mqtt://127.0.0.1:1", "--out", tmp_path / "x", "--devices", 2)
     assert done.returncode == 2 and "bridges the whole fleet" in done.stderr
