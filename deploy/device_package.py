@@ -277,7 +277,7 @@ def download_wheels(requirements: Sequence[str], dest: str | os.PathLike, *, pla
 # --------------------------------------------------------------------------- rendering
 
 def render_unit(*, password: bool, ca: bool, key: bool, inputs: Sequence[str],
-                state_dir: str = INSTALL_PATHS["state_dir"]) -> str:
+                state_dir: str = INSTALL_PATHS["state_dir"], fleet_key: bool = False) -> str:
     """The device's systemd unit: LoadCredential= for what is shipped, write access for watched folders."""
     text = (TEMPLATES / UNIT_NAME).read_text()
     cdir = INSTALL_PATHS["credentials"]
@@ -288,6 +288,8 @@ def render_unit(*, password: bool, ca: bool, key: bool, inputs: Sequence[str],
         creds.append(f"LoadCredential=broker-ca:{cdir}/ca.crt")
     if key:
         creds.append(f"LoadCredential=frame-key:{cdir}/frame.key")
+    if fleet_key:       # the fleet's public key: signed bundle updates (docs/fleet.md)
+        creds.append(f"LoadCredential=fleet-key:{cdir}/fleet.pub")
     rw = []
     home = False
     for src in inputs:
@@ -416,6 +418,8 @@ def build_device_package(bundle: str | os.PathLike, out: str | os.PathLike, *, c
             secrets["password"] = found.password.encode()
         if found.ca_path is not None:
             secrets["ca.crt"] = Path(found.ca_path).read_bytes()
+        if (Path(cdir) / "fleet.pub").is_file():      # `edgesplit broker config` gives every device the fleet's key
+            secrets["fleet.pub"] = (Path(cdir) / "fleet.pub").read_bytes()
     if parsed.ca:
         secrets["ca.crt"] = Path(parsed.ca).read_bytes()
     if key is not None:
@@ -497,14 +501,15 @@ def build_device_package(bundle: str | os.PathLike, out: str | os.PathLike, *, c
         for name in sorted([MANIFEST_NAME, *b.manifest.files]):
             put(f"bundle/{name}", (b.root / name).read_bytes())
         for name, data in sorted(secrets.items()):
-            put(f"credentials/{name}", data, 0o600 if name != "ca.crt" else 0o644)
+            put(f"credentials/{name}", data, 0o600 if name not in ("ca.crt", "fleet.pub") else 0o644)
         header = (f"edgesplit device configuration for {dev} (fleet {fl}), written by `edgesplit bundle device`.\n"
                   f"Installed as {INSTALL_PATHS['config']}; check it with: sudo edgesplit doctor\n"
                   "The password, CA and frame key are not here: they are in /etc/edgesplit/credentials (root only)\n"
                   "and reach the service through systemd's LoadCredential=.")
         put("device.toml", dump_config(cfg, header=header).encode())
         put(f"systemd/{UNIT_NAME}", render_unit(password="password" in secrets, ca="ca.crt" in secrets,
-                                                key="frame.key" in secrets, inputs=srcs).encode())
+                                                key="frame.key" in secrets, inputs=srcs,
+                                                fleet_key="fleet.pub" in secrets).encode())
         put("install.sh", (TEMPLATES / "install.sh").read_bytes(), 0o755)
         wheel_names = []
         for f in sorted(wheels_dir.iterdir()):

@@ -85,7 +85,9 @@ def test_package_holds_a_verifiable_bundle_config_credentials_unit_and_installer
     assert k["Service.Restart"] == ["on-failure"]
     assert k["Service.RestartPreventExitStatus"] == ["78"]
     assert sorted(k["Service.LoadCredential"]) == ["broker-ca:/etc/edgesplit/credentials/ca.crt",
-                                                   "broker-password:/etc/edgesplit/credentials/password"]
+                                                   "broker-password:/etc/edgesplit/credentials/password",
+                                                   # the fleet's public key: signed bundle updates
+                                                   "fleet-key:/etc/edgesplit/credentials/fleet.pub"]
     assert k["Service.User"] == ["edgesplit"]
     assert k["Service.ProtectSystem"] == ["strict"] and k["Service.NoNewPrivileges"] == ["yes"]
     assert "edgesplit device serve" in k["Service.ExecStart"][0] and "/etc/edgesplit/device.toml" in k["Service.ExecStart"][0]
@@ -166,7 +168,7 @@ def test_credentials_of_another_device_are_refused(tiny_bundle_dir, broker_cfg, 
     # the broker config's --out directory plus a device id finds the device's folder
     pkg = build_device_package(tiny_bundle_dir, tmp_path / "p.tar.gz", credentials=broker_cfg.out_dir,
                                device_id="pi-002")
-    assert pkg.credentials == ("ca.crt", "password")
+    assert pkg.credentials == ("ca.crt", "fleet.pub", "password")
 
 
 def test_a_config_file_is_validated_and_kept(tiny_bundle_dir, tmp_path):
