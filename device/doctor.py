@@ -89,9 +89,8 @@ class DoctorReport:
                 lines.append(f"  {'':<4}  {'':<{width}}  fix: {c.fix}")
         counts = {s: sum(c.status == s for c in self.checks) for s in (OK, FAIL, WARN, SKIP)}
         verdict = "ready" if self.ok else "NOT ready"
-        warned = f"{counts[WARN]} warn, " if counts[WARN] else ""
-        lines.append(f"{counts[OK]} ok, {counts[FAIL]} FAIL, {warned}{counts[SKIP]} skip: {verdict} "
-                     f"({self.seconds:.1f} s)")
+        lines.append(f"{counts[OK]} ok, {counts[FAIL]} FAIL, {f'{counts[WARN]} warn, ' if counts[WARN] else ''}"
+                     f"{counts[SKIP]} skip: {verdict} ({self.seconds:.1f} s)")
         return "\n".join(lines)
 
 
@@ -420,8 +419,7 @@ class _Doctor:
         advice = nagle_advice(rtts, b.host)
         med = sorted(rtts)[len(rtts) // 2]
         if advice:
-            # a warning, not a failure: the device works, only slower; and a link that really delays
-            # (a WAN, a shaped test link) looks the same from here
+            # a warning: the device works, only slower, and a link that really delays looks the same
             self.add("round trip", WARN, advice.split(". Fix: ")[0], advice.split(". Fix: ")[1])
         else:
             self.add("round trip", OK, f"a message through the broker and back: {med:.1f} ms (median of {len(rtts)})")
