@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 #: attack settings cheap enough for twenty points in a sweep (the audit's defaults are heavier)
 QUICK_ATTACKS = {
     "whitebox": {"max_n": 32, "iters": 200},
-    "decoder": {"budgets": (5000,), "epochs": 3, "min_steps": 300},
+    "decoder": {"budgets": (5000,), "epochs": 3},
     "architecture": {"max_n": 16, "rounds": 60},
     "queryfree": {"max_n": 16, "train_n": 5000, "epochs": 2, "iters": 200},
     "label_decoder": {"epochs": 2},

@@ -156,7 +156,7 @@ def test_a_sweep_whose_budget_no_point_meets_says_so_after_writing_every_point(t
 
     settings = HardenSettings(finetune=FinetuneSettings(steps=20), test_n=200, victims=50, aux_n=500,
                               attacks=("decoder", "label_mean"),
-                              attack_settings={"decoder": {"budgets": (300,), "epochs": 1, "min_steps": 20}})
+                              attack_settings={"decoder": {"budgets": (300,), "epochs": 1, "min_pairs": 640}})
     with pytest.raises(UsageError) as caught:
         harden("tiny-cnn", "pool2", "dropout", sweep=True, strengths="0.2,0.4", out=tmp_path / "s",
                max_psnr=1.0, settings=settings, progress=False)
